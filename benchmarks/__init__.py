@@ -1,0 +1,1 @@
+"""The benchmark suite behind `actshift bench` (installed as actshift.benchmarks)."""

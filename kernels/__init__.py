@@ -1,0 +1,1 @@
+"""Triton kernels of actshift (installed as the sub-package `actshift.kernels`)."""

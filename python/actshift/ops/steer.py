@@ -1,0 +1,205 @@
+"""The `steer` op: public wrapper, argument checks, backend dispatch, fake (meta) implementation.
+
+Backends: "cpu" and "cuda" call torch.ops.actshift.steer (C++); "triton" calls
+torch.ops.actshift.steer_triton (kernels/steer.py); "reference" is reference.steer.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _ext, backends, reference
+from ..steering.plan import MAX_VECTORS, as_bank
+
+_X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+if _ext.EXT_LOADED:
+
+    @torch.library.register_fake("actshift::steer")
+    def _steer_fake(x, vectors, weights, strength, gate, slot):
+        torch._check(x.dim() == 2, lambda: "steer: x must be [rows, d]")
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("actshift::steer_out")
+    def _steer_out_fake(x, vectors, weights, strength, gate, slot, out):
+        return None
+
+
+def _triton_ready() -> bool:
+    """Registers the Triton op once, where Triton can run (GPU, or the CPU interpreter)."""
+    if backends.unavailable_reason("triton"):
+        return False
+    if not hasattr(torch.ops.actshift, "steer_triton"):
+        from ..kernels import steer as triton_steer
+
+        triton_steer.register()
+    return True
+
+
+if torch.cuda.is_available() or backends.triton_interpret():
+    _triton_ready()
+
+
+def _check_rows(x, gate, slot) -> None:
+    """Per-call checks of x and the per-row tensors; messages name the argument."""
+    if x.dtype not in _X_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() != 2 or (x.shape[1] > 0 and x.stride(1) != 1):
+        raise ValueError(f"x must be [rows, d] with a contiguous last dim, got shape {tuple(x.shape)}")
+    rows = x.shape[0]
+    for name, t, ok_dtype, what in (
+        ("gate", gate, lambda dt: dt.is_floating_point, "a floating-point tensor"),
+        ("slot", slot, lambda dt: dt in (torch.int32, torch.int64), "an int32 or int64 tensor"),
+    ):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or not ok_dtype(t.dtype):
+            raise TypeError(f"{name} must be {what}")
+        if t.shape != (rows,):
+            raise ValueError(f"{name} must hold one value per row ({rows}), got shape {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def _check_bank(x, vectors, weights, strength) -> None:
+    """Checks of raw bank tensors (SteeringBank builds valid ones, so `steer` skips this)."""
+    for name, t, dim in (("vectors", vectors, 3), ("weights", weights, 2), ("strength", strength, 1)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+            raise TypeError(f"{name} must be a float32 tensor")
+        if t.dim() != dim or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous {dim}-d tensor, got shape {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    S, m, d = vectors.shape
+    if S < 1 or d != x.shape[-1]:
+        raise ValueError(f"vectors must be [S >= 1, m, {x.shape[-1]}] for x's hidden size, got {tuple(vectors.shape)}")
+    if m > MAX_VECTORS:
+        raise ValueError(f"vectors holds {m} vectors per plan; at most {MAX_VECTORS} are supported")
+    if tuple(weights.shape) != (S, m) or tuple(strength.shape) != (S,):
+        raise ValueError(f"weights must be [{S}, {m}] and strength [{S}], got {tuple(weights.shape)}, {tuple(strength.shape)}")
+    if not bool(torch.isfinite(vectors).all() & torch.isfinite(weights).all() & torch.isfinite(strength).all()):
+        raise ValueError("vectors, weights and strength must be finite (found NaN or Inf)")
+
+
+def _check_slot_values(slot: torch.Tensor, num_plans: int) -> None:
+    """Rejects slots >= num_plans. Costs a device sync on GPU, so it is skipped while torch.compile
+    traces or a CUDA graph captures (the kernels then leave such rows untouched)."""
+    if slot.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if slot.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    top = int(slot.max())
+    if top >= num_plans:
+        raise ValueError(f"slot holds {top}, out of range for {num_plans} plan(s); use -1 to leave a row untouched")
+
+
+def _check_out(x: torch.Tensor, out) -> torch.Tensor:
+    """Validates `out` and returns its [rows, d] view (out=x steers in place)."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(
+            f"out must match x (shape {tuple(x.shape)}, {x.dtype}, {x.device}); "
+            f"got {tuple(out.shape)}, {out.dtype}, {out.device}"
+        )
+    if out.dim() == 2:
+        return out
+    try:
+        return out.view(-1, out.shape[-1])  # a view, so the kernel's writes land in out
+    except RuntimeError:
+        raise ValueError("out must be viewable as [rows, d] (contiguous leading dims)") from None
+
+
+def _run(x, vectors, weights, strength, gate, slot, out, backend: str, check_slots: bool) -> torch.Tensor:
+    """Checks the per-row arguments, picks the backend and runs it on x [..., d]."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dim (the hidden size)")
+    shape = x.shape
+    x2 = x if x.dim() == 2 else x.reshape(-1, shape[-1])  # a view whenever the leading dims allow it
+    if isinstance(gate, torch.Tensor) and gate.dim() != 1:
+        gate = gate.reshape(-1)
+    if isinstance(slot, torch.Tensor) and slot.dim() != 1:
+        slot = slot.reshape(-1)
+    _check_rows(x2, gate, slot)
+    out2 = None if out is None else _check_out(x, out)
+    if gate is not None and gate.dtype != torch.float32:
+        gate = gate.float()
+    name = backends.resolve(backend, x2.device)
+    if slot is not None and check_slots and name != "cpu":  # the C++ CPU kernel checks while it runs
+        _check_slot_values(slot, vectors.shape[0])
+    if name == "reference":
+        y = reference.steer(x2, vectors, weights, strength, gate, slot)
+    elif name == "triton":
+        _triton_ready()
+        if out2 is not None:
+            torch.ops.actshift.steer_triton_out(x2, vectors, weights, strength, gate, slot, out2)
+            return out
+        y = torch.ops.actshift.steer_triton(x2, vectors, weights, strength, gate, slot)
+    elif out2 is not None:
+        torch.ops.actshift.steer_out(x2, vectors, weights, strength, gate, slot, out2)
+        return out
+    else:
+        y = torch.ops.actshift.steer(x2, vectors, weights, strength, gate, slot)
+    if out2 is not None:  # reference backend
+        out2.copy_(y)
+        return out
+    return y if x.dim() == 2 else y.view(shape)
+
+
+def apply_steer(
+    x: torch.Tensor,
+    vectors: torch.Tensor,
+    weights: torch.Tensor,
+    strength: torch.Tensor,
+    *,
+    gate: torch.Tensor | None = None,
+    slot: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    backend: str = "auto",
+    check_slots: bool = True,
+) -> torch.Tensor:
+    """Additive steering on raw bank tensors; x may have any leading dims ([..., d]).
+
+    vectors [S, m, d], weights [S, m], strength [S] (fp32, finite, on x's device); gate and slot
+    have one entry per row of x.reshape(-1, d). `check_slots=False` skips the slot range check
+    (a device sync on GPU); out-of-range rows are then left untouched. Prefer `steer` with a plan,
+    which validates the bank once instead of on every call.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    _check_bank(x, vectors, weights, strength)
+    return _run(x, vectors, weights, strength, gate, slot, out, backend, check_slots)
+
+
+def steer(
+    x: torch.Tensor,
+    plan,
+    *,
+    slot: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Applies a steering plan to hidden states x [..., d] in one pass: y = x + λ·g·Σ_j w_j v_j.
+
+    Args:
+        x: hidden states, fp32/fp16/bf16, last dim contiguous, any leading dims (0 rows allowed).
+        plan: a SteeringPlan, or a SteeringBank / list of plans selected per row by `slot`.
+        slot: int tensor with one plan index per row (x's leading shape); -1 leaves a row untouched.
+        gate: float tensor with one multiplier per row (a token mask, or a condition score).
+        out: where to write the result (x's shape, dtype and device); ``out=x`` steers in place,
+            which avoids allocating (on CPU a fresh large output costs more than the op itself).
+        backend: "auto", "reference", "cpu", "triton" or "cuda".
+
+    Returns:
+        A new tensor shaped like x, or `out`.
+    """
+    bank = as_bank(plan)
+    if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] != bank.hidden_size:
+        raise ValueError(f"x has hidden size {x.shape[-1]} but the plan was built for {bank.hidden_size}")
+    if slot is None and len(bank) > 1:
+        raise ValueError(f"slot is required when the plan bank holds {len(bank)} plans")
+    device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+    vectors, weights, strength = bank.tensors(device)
+    return _run(x, vectors, weights, strength, gate, slot, out, backend, check_slots=True)

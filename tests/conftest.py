@@ -1,0 +1,63 @@
+"""Shared test setup: Triton's CPU interpreter, tolerances, backend availability, markers."""
+import os
+
+import torch
+
+# Triton reads this at import; on a machine without a GPU the Triton kernels run on CPU tensors
+# through the interpreter (slow: tests keep shapes small and use fp32/fp16).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import actshift  # noqa: E402
+from actshift import backends  # noqa: E402
+
+# Tolerances against the fp32 reference (rtol = atol), from the README's table.
+TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1.6e-2}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    tol = TOL[dtype]
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=tol, atol=tol)
+
+
+def cpu_backends() -> list[str]:
+    """Backends that run CPU tensors here; every one must be available in CI."""
+    return ["reference", "cpu", "triton"]
+
+
+def device_backend_params():
+    """(device, backend) pairs: all CPU backends, plus the GPU ones marked `cuda`."""
+    params = [pytest.param("cpu", b, id=f"cpu-{b}") for b in cpu_backends()]
+    for b in ("cuda", "triton", "reference"):
+        params.append(pytest.param("cuda", b, id=f"cuda-{b}", marks=pytest.mark.cuda))
+    return params
+
+
+def dtypes_for(backend: str, device: str) -> list[torch.dtype]:
+    # The Triton interpreter handles bf16 as raw integers; bf16 Triton runs only on a GPU.
+    if backend == "triton" and device == "cpu":
+        return [torch.float32, torch.float16]
+    return [torch.float32, torch.float16, torch.bfloat16]
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    for item in items:
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_reset():
+    torch.manual_seed(0)
+    actshift.set_backend(None)
+    yield
+    actshift.set_backend(None)
+
+
+def require_backend(backend: str, device: str) -> None:
+    """Fails (not skips) when a backend that must exist on this machine is missing."""
+    reason = backends.unavailable_reason(backend, torch.device(device))
+    assert not reason, f"backend {backend} unavailable on {device}: {reason}"
