@@ -64,16 +64,25 @@ class Timer:
         self.min_reps, self.max_reps = (5, 200) if quick else (10, 2000)
         self._flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda") if device == "cuda" else None
 
-    def __call__(self, fn: Callable[[], object]) -> tuple[float, float, float]:
-        for _ in range(3):
+    ROUNDS = 3  # providers alternate in rounds, so a slow drift of the machine hits all of them
+
+    def measure(self, providers: dict[str, Callable[[], object]]) -> dict[str, tuple[float, float, float]]:
+        """Median, p20, p80 in microseconds of each provider, measured side by side."""
+        reps = {}
+        for name, fn in providers.items():
+            for _ in range(3):  # warm-up; the first call of a torch.compile provider compiles
+                fn()
+            self._sync()
+            t0 = time.perf_counter()
             fn()
-        self._sync()
-        t0 = time.perf_counter()
-        fn()
-        self._sync()
-        once = max(time.perf_counter() - t0, 1e-7)
-        reps = int(min(self.max_reps, max(self.min_reps, self.budget_s / once)))
-        return _quantiles([self._time_one(fn) for _ in range(reps)])
+            self._sync()
+            once = max(time.perf_counter() - t0, 1e-7)
+            reps[name] = int(min(self.max_reps, max(self.min_reps, self.budget_s / once)) // self.ROUNDS + 1)
+        samples: dict[str, list[float]] = {name: [] for name in providers}
+        for _ in range(self.ROUNDS):
+            for name, fn in providers.items():
+                samples[name] += [self._time_one(fn) for _ in range(reps[name])]
+        return {name: _quantiles(s) for name, s in samples.items()}
 
     def _sync(self) -> None:
         if self.device == "cuda":
@@ -181,7 +190,7 @@ def write_csv(path: str, results: list[Result], env: dict[str, str]) -> None:
 
 
 def _fmt(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+    return format("-", spec.rstrip("f").split(".")[0]) if v is None else format(v, spec)
 
 
 def table(results: list[Result]) -> str:

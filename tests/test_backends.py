@@ -1,5 +1,6 @@
 """Backend selection, availability errors, the build record check, and `actshift info`."""
 import json
+import os
 import subprocess
 import sys
 
@@ -19,14 +20,24 @@ def test_auto_picks_cpu_kernel_on_cpu():
 def test_override_order(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setenv("ACTSHIFT_BACKEND", "reference")
+    actshift.set_backend(None)  # re-reads the environment (as importing actshift does)
     assert backends.resolve("auto", cpu) == "reference"
     actshift.set_backend("cpu")  # set_backend beats the environment
     assert backends.resolve("auto", cpu) == "cpu"
     assert backends.resolve("reference", cpu) == "reference"  # the argument beats both
-    actshift.set_backend(None)
     monkeypatch.setenv("ACTSHIFT_BACKEND", "bogus")
     with pytest.raises(ValueError, match="ACTSHIFT_BACKEND"):
-        backends.resolve("auto", cpu)
+        actshift.set_backend(None)
+    monkeypatch.delenv("ACTSHIFT_BACKEND")
+    actshift.set_backend(None)
+    assert backends.resolve("auto", cpu) == "cpu"
+
+
+def test_environment_variable_is_read_at_import():
+    env = dict(os.environ, ACTSHIFT_BACKEND="reference")
+    code = "import torch, actshift; from actshift import backends; print(backends.resolve('auto', torch.device('cpu')))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "reference"
 
 
 def test_unknown_backend_names_the_argument():

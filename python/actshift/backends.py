@@ -3,7 +3,7 @@
 Backends: "reference" (pure PyTorch, always), "cpu" (C++ extension, CPU tensors), "triton" (Triton
 kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 for tests), "cuda" (C++/CUDA
 extension). Selection order: the call's `backend=` argument, then `set_backend(...)`, then the
-ACTSHIFT_BACKEND environment variable, then "auto". An explicitly named backend that cannot run the
+ACTSHIFT_BACKEND environment variable (read at import and by `set_backend(None)`), then "auto". An explicitly named backend that cannot run the
 call raises BackendUnavailableError with the reason; only "auto" chooses among available ones.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from . import _ext
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 _CHOICES = BACKENDS + ("auto",)
 _override: str | None = None
+_env: str | None = None  # ACTSHIFT_BACKEND as last read; None when unset
 
 
 class BackendUnavailableError(RuntimeError):
@@ -30,18 +31,28 @@ def _check_name(name: str, argname: str = "backend") -> str:
     return name
 
 
+def _read_env() -> None:
+    global _env
+    value = os.environ.get("ACTSHIFT_BACKEND") or None
+    _env = None if value is None else _check_name(value, "ACTSHIFT_BACKEND")
+
+
 def set_backend(name: str | None) -> None:
-    """Sets the process-wide backend ("auto", one of BACKENDS, or None to clear the override)."""
+    """Sets the process-wide backend: "auto", one of BACKENDS, or None to drop the override and
+    re-read the ACTSHIFT_BACKEND environment variable."""
     global _override
-    _override = None if name is None else _check_name(name)
+    if name is None:
+        _override = None
+        _read_env()
+    else:
+        _override = _check_name(name)
 
 
 def get_backend() -> str:
     """The backend that applies when a call passes backend="auto"."""
     if _override is not None:
         return _override
-    env = os.environ.get("ACTSHIFT_BACKEND")
-    return _check_name(env, "ACTSHIFT_BACKEND") if env else "auto"
+    return _env or "auto"
 
 
 def triton_interpret() -> bool:
@@ -83,8 +94,17 @@ def unavailable_reason(name: str, device: torch.device | None = None) -> str:
 _AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 
 
+_auto_cache: dict[str, str] = {}
+
+
 def resolve(backend: str, device: torch.device) -> str:
     """The concrete backend for one call on `device`."""
+    if backend == "auto" and _override is None and _env is None:
+        # Hot path (every decode step): availability does not change within a process.
+        cached = _auto_cache.get(device.type)
+        if cached is None:
+            cached = _auto_cache[device.type] = _pick_auto(device)
+        return cached
     name = _check_name(backend)
     if name == "auto":
         name = get_backend()
@@ -93,7 +113,14 @@ def resolve(backend: str, device: torch.device) -> str:
         if reason:
             raise BackendUnavailableError(f"backend {name!r} is unavailable: {reason}")
         return name
+    return _pick_auto(device)
+
+
+def _pick_auto(device: torch.device) -> str:
     for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
         if not unavailable_reason(candidate, device):
             return candidate
     return "reference"
+
+
+_read_env()

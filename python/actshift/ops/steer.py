@@ -11,6 +11,7 @@ from .. import _ext, backends, reference
 from ..steering.plan import MAX_VECTORS, as_bank
 
 _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_SLOT_DTYPES = (torch.int32, torch.int64)
 
 if _ext.EXT_LOADED:
 
@@ -39,25 +40,25 @@ if torch.cuda.is_available() or backends.triton_interpret():
     _triton_ready()
 
 
+def _check_row_tensor(name: str, t, x: torch.Tensor, dtypes: tuple | None, what: str) -> None:
+    if not isinstance(t, torch.Tensor) or (t.dtype not in dtypes if dtypes else not t.is_floating_point()):
+        raise TypeError(f"{name} must be {what}")
+    if t.shape != (x.shape[0],):
+        raise ValueError(f"{name} must hold one value per row ({x.shape[0]}), got shape {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
 def _check_rows(x, gate, slot) -> None:
     """Per-call checks of x and the per-row tensors; messages name the argument."""
     if x.dtype not in _X_DTYPES:
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     if x.dim() != 2 or (x.shape[1] > 0 and x.stride(1) != 1):
         raise ValueError(f"x must be [rows, d] with a contiguous last dim, got shape {tuple(x.shape)}")
-    rows = x.shape[0]
-    for name, t, ok_dtype, what in (
-        ("gate", gate, lambda dt: dt.is_floating_point, "a floating-point tensor"),
-        ("slot", slot, lambda dt: dt in (torch.int32, torch.int64), "an int32 or int64 tensor"),
-    ):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor) or not ok_dtype(t.dtype):
-            raise TypeError(f"{name} must be {what}")
-        if t.shape != (rows,):
-            raise ValueError(f"{name} must hold one value per row ({rows}), got shape {tuple(t.shape)}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if gate is not None:
+        _check_row_tensor("gate", gate, x, None, "a floating-point tensor")
+    if slot is not None:
+        _check_row_tensor("slot", slot, x, _SLOT_DTYPES, "an int32 or int64 tensor")
 
 
 def _check_bank(x, vectors, weights, strength) -> None:

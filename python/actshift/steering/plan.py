@@ -76,8 +76,9 @@ class SteeringPlan:
 class SteeringBank:
     """Several plans stacked for per-row selection: row r uses plan slot[r] (-1 leaves it alone).
 
-    Plans may hold different numbers of vectors; shorter ones are padded with zero weights.
-    The stacked tensors are built once per device and reused by every call.
+    The stacked tensors are built once per device and reused by every call. Each plan's weights are
+    static, so its vectors fold into one: the kernels then read one vector per row instead of m
+    (the same sum, rounded once in fp32 instead of per row).
     """
 
     def __init__(self, plans: Sequence[SteeringPlan]):
@@ -102,15 +103,11 @@ class SteeringBank:
         return self.plans[0].hidden_size
 
     def tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(vectors [S, m, d], weights [S, m], strength [S]) in fp32 on `device`."""
+        """(vectors [S, 1, d], weights [S, 1], strength [S]) in fp32 on `device`."""
         cached = self._cache.get(device)
         if cached is None:
-            S, d = len(self.plans), self.hidden_size
-            m = max(p.num_vectors for p in self.plans)
-            vectors, weights = torch.zeros(S, m, d), torch.zeros(S, m)
-            for i, p in enumerate(self.plans):
-                vectors[i, : p.num_vectors] = p.add.cpu()
-                weights[i, : p.num_vectors] = p.weights.cpu()
+            vectors = torch.stack([p.weights.cpu() @ p.add.cpu() for p in self.plans])[:, None]
+            weights = torch.ones(len(self.plans), 1)
             strength = torch.tensor([p.strength for p in self.plans])
             cached = tuple(t.to(device).contiguous() for t in (vectors, weights, strength))
             self._cache[device] = cached

@@ -1,0 +1,45 @@
+"""`actshift bench`: runs the selected ops' cases, writes <out>/<device>.csv and .png, prints a table."""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from . import bench_steer
+from .harness import Result, Timer, derived, environment, plot, table, write_csv
+
+OPS = {"steer": bench_steer}
+
+
+def run(ops: list[str] | None, device: str | None, quick: bool, out_dir: str) -> int:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("actshift bench: --device cuda needs a CUDA GPU and a CUDA build of torch", file=sys.stderr)
+        return 2
+    unknown = sorted(set(ops or ()) - set(OPS))
+    if unknown:
+        print(f"actshift bench: unknown op(s) {', '.join(unknown)}; choose from {', '.join(OPS)}", file=sys.stderr)
+        return 2
+    env = environment(device)
+    print(f"actshift bench on {env['device_name']} ({device}, {env['threads']} threads), torch {env['torch']}, "
+          f"git {env['git_sha']}{' (quick)' if quick else ''}", flush=True)
+    timer = Timer(device, quick)
+    results: list[Result] = []
+    for name in ops or OPS:
+        for case in OPS[name].cases(device, quick):
+            print(f"  {case.op} {case.case} {case.shape} {str(case.dtype).replace('torch.', '')}", flush=True)
+            for provider, (med, p20, p80) in timer.measure(case.providers).items():
+                results.append(Result(case, provider, med, p20, p80))
+            case.providers.clear()  # free the case's tensors and compiled graphs
+    derived(results)
+    print()
+    print(table(results))
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path = os.path.join(out_dir, f"{device}.csv")
+    write_csv(csv_path, results, env)
+    png_path = os.path.join(out_dir, f"{device}.png")
+    title = f"actshift {env['actshift']} on {env['device_name']}, torch {env['torch']}, {env['git_sha']}, {env['date']}"
+    wrote_png = plot(png_path, results, title)
+    print(f"\nwrote {csv_path}" + (f" and {png_path}" if wrote_png else " (no plot: matplotlib missing)"))
+    return 0
