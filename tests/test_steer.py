@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from conftest import assert_close, device_backend_params, dtypes_for, require_backend
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import actshift
@@ -119,13 +119,13 @@ def test_out_and_in_place(device, backend):
     m=st.integers(0, 4),
     use_gate=st.booleans(),
     use_slot=st.booleans(),
-    half=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
     seed=st.integers(0, 2**16),
 )
-def test_property_against_reference(backend, rows, d, S, m, use_gate, use_slot, half, seed):
+def test_property_against_reference(backend, rows, d, S, m, use_gate, use_slot, dtype, seed):
     require_backend(backend, "cpu")
+    assume(dtype in dtypes_for(backend, "cpu"))
     g = torch.Generator().manual_seed(seed)
-    dtype = torch.float16 if half else torch.float32
     x = torch.randn(rows, d, generator=g).to(dtype)
     vectors, weights = torch.randn(S, m, d, generator=g), torch.randn(S, m, generator=g)
     strength = torch.randn(S, generator=g)
@@ -271,3 +271,46 @@ def test_device_mismatch_is_a_clear_error():
     x = torch.randn(3, 8, device="cuda")
     with pytest.raises(ValueError, match="gate"):
         actshift.steer(x, plan, gate=torch.rand(3))
+
+
+# --- GPU only (run wherever a CUDA GPU is present) ---------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_opcheck_and_compile(backend):
+    require_backend(backend, "cuda")
+    importlib.import_module("actshift.ops.steer")._triton_ready()
+    op, op_out = {
+        "cuda": (torch.ops.actshift.steer.default, torch.ops.actshift.steer_out.default),
+        "triton": (torch.ops.actshift.steer_triton.default, torch.ops.actshift.steer_triton_out.default),
+    }[backend]
+    args = _op_args("cuda")
+    torch.library.opcheck(op, args)
+    torch.library.opcheck(op_out, args + (torch.empty(6, 32, device="cuda"),))
+    torch._dynamo.reset()
+    plan = actshift.SteeringPlan(add=torch.randn(64))
+    x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
+    f = torch.compile(lambda x: actshift.steer(x, plan, backend=backend), fullgraph=True)
+    assert_close(f(x), expected(x, *actshift.SteeringBank([plan]).tensors(x.device)), torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_graph_capture_and_replay(backend):
+    """A captured steer replays with new inputs and slots written into the static buffers."""
+    require_backend(backend, "cuda")
+    bank = actshift.SteeringBank([actshift.SteeringPlan(add=torch.randn(256)), actshift.SteeringPlan(add=torch.randn(256))])
+    x = torch.randn(8, 256, device="cuda", dtype=torch.float16)
+    slot = torch.zeros(8, dtype=torch.long, device="cuda")
+    out = torch.empty_like(x)
+    actshift.steer(x, bank, slot=slot, out=out, backend=backend)  # warm-up (compiles Triton)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        actshift.steer(x, bank, slot=slot, out=out, backend=backend)
+    x.copy_(torch.randn_like(x))
+    slot.copy_(torch.tensor([0, 1, -1, 1, 0, -1, 1, 0], device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(out, expected(x, *bank.tensors(x.device), None, slot), torch.float16)
