@@ -64,7 +64,7 @@ class Timer:
         self.min_reps, self.max_reps = (5, 200) if quick else (10, 2000)
         self._flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda") if device == "cuda" else None
 
-    ROUNDS = 3  # providers alternate in rounds, so a slow drift of the machine hits all of them
+    ROUNDS = 5  # providers alternate in rounds, so a slow drift of the machine hits all of them
 
     def measure(self, providers: dict[str, Callable[[], object]]) -> dict[str, tuple[float, float, float]]:
         """Median, p20, p80 in microseconds of each provider, measured side by side."""
@@ -195,7 +195,7 @@ def _fmt(v, spec: str) -> str:
 
 def table(results: list[Result]) -> str:
     """One line per (case, provider); the actshift lines carry the ratios."""
-    head = f"{'op':<7}{'case':<15}{'shape':<20}{'dtype':<6}{'provider':<18}{'median us':>11}{'p20':>10}{'p80':>10}" \
+    head = f"{'op':<7}{'case':<15}{'shape':<20}{'dtype':<9}{'provider':<18}{'median us':>11}{'p20':>10}{'p80':>10}" \
            f"{'vs eager':>9}{'vs comp':>8}{'/copy':>7}{'ideal':>7}{'%ideal':>7}"
     lines = [head, "-" * len(head)]
     last = None
@@ -207,7 +207,7 @@ def table(results: list[Result]) -> str:
         ours = r.provider.startswith("actshift")
         e = r.extra
         lines.append(
-            f"{r.case.op:<7}{r.case.case:<15}{r.case.shape:<20}{str(r.case.dtype).replace('torch.', ''):<6}{r.provider:<18}"
+            f"{r.case.op:<7}{r.case.case:<15}{r.case.shape:<20}{str(r.case.dtype).replace('torch.', ''):<9}{r.provider:<18}"
             f"{r.median_us:>11.1f}{r.p20_us:>10.1f}{r.p80_us:>10.1f}"
             f"{_fmt(e.get('speedup_vs_eager') if ours else None, '>9.2f')}{_fmt(e.get('speedup_vs_compile') if ours else None, '>8.2f')}"
             f"{_fmt(e.get('x_copy_time') if ours else None, '>7.2f')}{_fmt(e.get('ideal_speedup') if ours else None, '>7.2f')}"

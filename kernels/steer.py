@@ -48,6 +48,7 @@ def _steer_kernel(
     num_plans,
     HAS_GATE: tl.constexpr,
     HAS_SLOT: tl.constexpr,
+    IN_PLACE: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     # int64 so that row * stride cannot overflow on large activations.
@@ -82,8 +83,11 @@ def _steer_kernel(
 
     y = acc.to(x.dtype)
     if HAS_SLOT:
-        # Storing x itself (not its fp32 round trip) keeps skipped rows bit-exact, NaN payloads too.
+        # Storing x itself (not its fp32 round trip) keeps skipped rows bit-exact, NaN payloads too;
+        # in place, a skipped row already holds its output and is not written at all.
         y = tl.where(valid, y, x)
+        if IN_PLACE:
+            mask = cols < tl.where(valid, d, 0)
     tl.store(y_ptr + row * y_stride + cols, y, mask=mask)
 
 
@@ -95,13 +99,16 @@ def steer(
     gate: Optional[torch.Tensor] = None,
     slot: Optional[torch.Tensor] = None,
     out: Optional[torch.Tensor] = None,
+    in_place: bool = False,
 ) -> torch.Tensor:
     """y = x + λ_s · g · Σ_j w_{s,j} v_{s,j} per row, written to `out` or a new contiguous tensor.
 
     Expects validated inputs: x [rows, d] with a contiguous last dim, vectors [S, m, d],
     weights [S, m], strength [S], gate [rows] (all fp32 and contiguous), slot [rows] int32/int64;
     out [rows, d] of x's dtype with a contiguous last dim, either x itself or not overlapping it
-    (each program reads its slice of x before writing the same slice of out).
+    (each program reads its slice of x before writing the same slice of out). `in_place` says out
+    is x (decided by the caller: data pointers are not readable while torch.compile traces), so
+    untouched rows need no write.
     """
     rows, d = x.shape
     y = torch.empty((rows, d), dtype=x.dtype, device=x.device) if out is None else out
@@ -126,6 +133,7 @@ def steer(
         vectors.shape[0],
         HAS_GATE=gate is not None,
         HAS_SLOT=slot is not None,
+        IN_PLACE=in_place,
         BLOCK_D=block_d,
         num_warps=num_warps,
     )
@@ -151,15 +159,16 @@ def _steer_out_op(
     gate: Optional[torch.Tensor],
     slot: Optional[torch.Tensor],
     out: torch.Tensor,
+    in_place: bool,
 ) -> None:
-    steer(x, vectors, weights, strength, gate, slot, out)
+    steer(x, vectors, weights, strength, gate, slot, out, in_place)
 
 
 def _steer_fake(x, vectors, weights, strength, gate, slot):
     return x.new_empty(x.shape)
 
 
-def _steer_out_fake(x, vectors, weights, strength, gate, slot, out):
+def _steer_out_fake(x, vectors, weights, strength, gate, slot, out, in_place):
     return None
 
 

@@ -108,6 +108,14 @@ def test_out_and_in_place(device, backend):
     x_copy = x.clone()
     assert actshift.steer(x_copy, plan, out=x_copy, backend=backend) is x_copy
     assert_close(x_copy, ref, torch.float32)
+    # In place with untouched rows (not written at all) and steered ones.
+    bank = [plan, actshift.SteeringPlan(add=torch.randn(96))]
+    slot = torch.tensor([[0, -1, 1, -1], [1, 1, -1, 0]], device=device)
+    ref = actshift.steer(x, bank, slot=slot, backend="reference")
+    x_copy = x.clone()
+    actshift.steer(x_copy, bank, slot=slot, out=x_copy, backend=backend)
+    assert_close(x_copy, ref, torch.float32)
+    assert torch.equal(x_copy[slot < 0], x[slot < 0])
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
@@ -169,7 +177,7 @@ def test_opcheck_triton_ops():
     importlib.import_module("actshift.ops.steer")._triton_ready()  # registers the Triton ops
     args = _op_args()
     torch.library.opcheck(torch.ops.actshift.steer_triton.default, args)
-    torch.library.opcheck(torch.ops.actshift.steer_triton_out.default, args + (torch.empty(6, 32),))
+    torch.library.opcheck(torch.ops.actshift.steer_triton_out.default, args + (torch.empty(6, 32), False))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
@@ -287,7 +295,8 @@ def test_gpu_opcheck_and_compile(backend):
     }[backend]
     args = _op_args("cuda")
     torch.library.opcheck(op, args)
-    torch.library.opcheck(op_out, args + (torch.empty(6, 32, device="cuda"),))
+    out_args = args + (torch.empty(6, 32, device="cuda"),) + ((False,) if backend == "triton" else ())
+    torch.library.opcheck(op_out, out_args)
     torch._dynamo.reset()
     plan = actshift.SteeringPlan(add=torch.randn(64))
     x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)

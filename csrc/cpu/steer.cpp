@@ -102,10 +102,11 @@ bool cpu_has_avx2() {
 #endif
 }
 
-// Columns per tile: 16 KiB of fp32 per input stream keeps x, y and the vectors in L1/L2 while a
-// thread works on a tile, and lets a single long row (decode) split across threads.
+// Columns per tile: 16 KiB of fp32 per stream keeps a tile's slice of the vectors in L1/L2, and
+// bounds the unit of work so rows longer than a tile can be split between threads.
 constexpr int64_t kTileCols = 4096;
-// Elements a thread should own before parallelism pays for itself.
+// Elements a thread should own before parallelism pays for itself: decode-sized inputs (a few
+// rows) stay on one thread, where waking another costs more than it saves.
 constexpr int64_t kGrainElems = 32768;
 
 template <typename T, typename IndexT>
@@ -121,6 +122,8 @@ void steer_kernel(const at::Tensor& x, at::Tensor& y, const at::Tensor& vectors,
   const float* wp = weights.data_ptr<float>();
   const float* sp = strength.data_ptr<float>();
   const auto run_tile = cpu_has_avx2() ? &tile_avx2<T> : &tile_baseline<T>;
+  const bool in_place = static_cast<const void*>(xp) == static_cast<const void*>(yp) &&
+                        x_stride == y_stride;
 
   const int64_t tiles_per_row = (d + kTileCols - 1) / kTileCols;
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::min(d, kTileCols));
@@ -137,6 +140,7 @@ void steer_kernel(const at::Tensor& x, at::Tensor& y, const at::Tensor& vectors,
                           " plans");
       }
       const int64_t s = steer::resolve_slot(slot, r, S);
+      if (s < 0 && in_place) continue;  // an untouched row already holds its output
       int mm = 0;
       if (s >= 0) {
         steer::row_coefficients(wp, sp, gate, r, s, m, coef);

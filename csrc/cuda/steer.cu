@@ -16,7 +16,8 @@
 //   65535; blocks loop over the rows beyond.
 // - Thread 0 of a block resolves the row's plan and computes its m coefficients into shared memory
 //   once per row; the other threads issue their x load meanwhile and wait at the barrier.
-// - Rows whose slot is outside [0, num_plans) store the loaded x pack back unchanged (bit-exact).
+// - Rows whose slot is outside [0, num_plans) store the loaded x pack back unchanged (bit-exact),
+//   or, in place (y is x), are not written at all.
 #include "steer.h"  // the launcher declared next to this file
 
 #include <cuda_bf16.h>
@@ -125,6 +126,8 @@ __global__ void __launch_bounds__(kMaxThreads) steer_kernel(const Params<T, Inde
   const int64_t col = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kVec;
   // On the vector path d is a multiple of kVec, so a pack is either wholly in the row or out.
   const bool active = col < p.d;
+  const bool in_place = static_cast<const void*>(p.x) == static_cast<const void*>(p.y) &&
+                        p.x_stride == p.y_stride;
 
   for (int64_t r = blockIdx.y; r < p.rows; r += gridDim.y) {
     T xv[kVec];
@@ -155,7 +158,8 @@ __global__ void __launch_bounds__(kMaxThreads) steer_kernel(const Params<T, Inde
 #pragma unroll
         for (int k = 0; k < kVec; ++k) xv[k] = from_float<T>(acc[k]);
       }
-      store_pack(p.y + r * p.y_stride + col, xv);
+      // In place, an untouched row already holds its output: skip the write.
+      if (s >= 0 || !in_place) store_pack(p.y + r * p.y_stride + col, xv);
     }
     // coef and plan are overwritten for this block's next row.
     __syncthreads();

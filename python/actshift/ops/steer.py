@@ -134,7 +134,7 @@ def _run(x, vectors, weights, strength, gate, slot, out, backend: str, check_slo
     elif name == "triton":
         _triton_ready()
         if out2 is not None:
-            torch.ops.actshift.steer_triton_out(x2, vectors, weights, strength, gate, slot, out2)
+            torch.ops.actshift.steer_triton_out(x2, vectors, weights, strength, gate, slot, out2, out is x)
             return out
         y = torch.ops.actshift.steer_triton(x2, vectors, weights, strength, gate, slot)
     elif out2 is not None:
