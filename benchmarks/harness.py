@@ -240,6 +240,7 @@ def plot(path: str, results: list[Result], title: str) -> bool:
     ideals = [next(iter(g.values())).extra.get("ideal_speedup", 0) for g in groups.values()]
     ax.scatter([j + 0.4 - width / 2 for j in range(len(labels))], ideals, marker="_", s=300, color="black", label="ideal (bytes)")
     ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_yscale("log")  # speedups span 0.2x to 40x
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))])
     ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("speedup over eager (x)")
