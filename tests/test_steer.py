@@ -242,6 +242,17 @@ def test_bad_inputs_name_the_argument(backend):
         actshift.steer(x, two, slot=torch.tensor([0, 2, -1]), backend=backend)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_unchecked_out_of_range_slot_leaves_row_untouched(backend):
+    require_backend(backend, "cpu")
+    x = torch.randn(3, 8)
+    v, w, s = bank(2, 1, 8)
+    slot = torch.tensor([0, 2, 7])
+    y = actshift.apply_steer(x, v, w, s, slot=slot, backend=backend, check_slots=False)
+    assert torch.equal(y[1:], x[1:])
+    assert_close(y[0], x[0] + s[0] * w[0, 0] * v[0, 0], torch.float32)
+
+
 def test_raw_bank_checks():
     x = torch.randn(2, 8)
     v, w, s = bank(1, 1, 8)

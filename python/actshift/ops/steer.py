@@ -163,9 +163,10 @@ def apply_steer(
     """Additive steering on raw bank tensors; x may have any leading dims ([..., d]).
 
     vectors [S, m, d], weights [S, m], strength [S] (fp32, finite, on x's device); gate and slot
-    have one entry per row of x.reshape(-1, d). `check_slots=False` skips the slot range check
-    (a device sync on GPU); out-of-range rows are then left untouched. Prefer `steer` with a plan,
-    which validates the bank once instead of on every call.
+    have one entry per row of x.reshape(-1, d). `check_slots=False` skips the Python-side slot
+    range check (a device sync on GPU); the GPU and reference backends then leave rows with an
+    out-of-range slot untouched, while the cpu backend still raises (it checks for free). Prefer
+    `steer` with a plan, which validates the bank once instead of on every call.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
