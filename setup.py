@@ -31,6 +31,7 @@ PACKAGES = [
     "actshift.benchmarks",
     "actshift.ops",
     "actshift.steering",
+    "actshift.ood",
 ]
 
 
@@ -57,7 +58,7 @@ def extensions_and_info():
     debug = _flag("ACTSHIFT_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
     cxx = opt + ["-std=c++17", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
-    sources = ["csrc/torch_bindings.cpp", "csrc/steer_checks.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/torch_bindings.cpp"] + sorted(glob.glob("csrc/*_checks.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc/include")]
 
     nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else shutil.which("nvcc")

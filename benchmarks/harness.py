@@ -32,6 +32,7 @@ class Case:
     bytes_actshift: int  # bytes an ideal fused kernel moves
     bytes_eager: int  # bytes the eager composition moves
     note: str = ""
+    peer: str | None = None  # a second baseline provider reported as speedup_vs_peer
 
 
 @dataclass
@@ -166,11 +167,13 @@ def derived(results: list[Result]) -> None:
                 r.extra["speedup_vs_compile"] = comp.median_us / r.median_us
             if copy:
                 r.extra["x_copy_time"] = r.median_us / copy.median_us
+            if c.peer and c.peer in group:
+                r.extra["speedup_vs_peer"] = group[c.peer].median_us / r.median_us
 
 
 COLUMNS = [
     "op", "case", "shape", "dtype", "provider", "median_us", "p20_us", "p80_us", "speedup_vs_eager",
-    "speedup_vs_compile", "x_copy_time", "ideal_speedup", "pct_of_ideal", "gbps", "note",
+    "speedup_vs_compile", "speedup_vs_peer", "x_copy_time", "ideal_speedup", "pct_of_ideal", "gbps", "note",
     "device", "device_name", "threads", "torch", "triton", "actshift", "git_sha", "date",
 ]
 
@@ -195,8 +198,8 @@ def _fmt(v, spec: str) -> str:
 
 def table(results: list[Result]) -> str:
     """One line per (case, provider); the actshift lines carry the ratios."""
-    head = f"{'op':<7}{'case':<15}{'shape':<20}{'dtype':<9}{'provider':<18}{'median us':>11}{'p20':>10}{'p80':>10}" \
-           f"{'vs eager':>9}{'vs comp':>8}{'/copy':>7}{'ideal':>7}{'%ideal':>7}"
+    head = f"{'op':<17}{'case':<15}{'shape':<20}{'dtype':<9}{'provider':<18}{'median us':>11}{'p20':>10}{'p80':>10}" \
+           f"{'vs eager':>9}{'vs comp':>8}{'vs peer':>8}{'/copy':>7}{'ideal':>7}{'%ideal':>7}"
     lines = [head, "-" * len(head)]
     last = None
     for r in results:
@@ -207,9 +210,10 @@ def table(results: list[Result]) -> str:
         ours = r.provider.startswith("actshift")
         e = r.extra
         lines.append(
-            f"{r.case.op:<7}{r.case.case:<15}{r.case.shape:<20}{str(r.case.dtype).replace('torch.', ''):<9}{r.provider:<18}"
+            f"{r.case.op:<17}{r.case.case:<15}{r.case.shape:<20}{str(r.case.dtype).replace('torch.', ''):<9}{r.provider:<18}"
             f"{r.median_us:>11.1f}{r.p20_us:>10.1f}{r.p80_us:>10.1f}"
             f"{_fmt(e.get('speedup_vs_eager') if ours else None, '>9.2f')}{_fmt(e.get('speedup_vs_compile') if ours else None, '>8.2f')}"
+            f"{_fmt(e.get('speedup_vs_peer') if ours else None, '>8.2f')}"
             f"{_fmt(e.get('x_copy_time') if ours else None, '>7.2f')}{_fmt(e.get('ideal_speedup') if ours else None, '>7.2f')}"
             f"{_fmt(e.get('pct_of_ideal') if ours else None, '>7.0f')}"
         )

@@ -6,10 +6,10 @@ import sys
 
 import torch
 
-from . import bench_steer
+from . import bench_percentile, bench_steer
 from .harness import Result, Timer, derived, environment, plot, table, write_csv
 
-OPS = {"steer": bench_steer}
+OPS = {"steer": bench_steer, "percentile": bench_percentile}
 
 
 def run(ops: list[str] | None, device: str | None, quick: bool, out_dir: str) -> int:

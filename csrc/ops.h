@@ -16,6 +16,12 @@ void steer_out_cpu(const at::Tensor& x, const at::Tensor& vectors, const at::Ten
                    const at::Tensor& strength, const std::optional<at::Tensor>& gate,
                    const std::optional<at::Tensor>& slot, at::Tensor& out);
 
+std::tuple<at::Tensor, at::Tensor> percentile_scale_cpu(const at::Tensor& z, const at::Tensor& k,
+                                                        int64_t method, std::optional<double> clip);
+std::tuple<at::Tensor, at::Tensor> adascale_stats_cpu(const at::Tensor& z,
+                                                      const at::Tensor& z_perturbed, int64_t k1,
+                                                      int64_t k2);
+
 #ifdef ACTSHIFT_WITH_CUDA
 at::Tensor steer_cuda(const at::Tensor& x, const at::Tensor& vectors, const at::Tensor& weights,
                       const at::Tensor& strength, const std::optional<at::Tensor>& gate,
@@ -23,6 +29,12 @@ at::Tensor steer_cuda(const at::Tensor& x, const at::Tensor& vectors, const at::
 void steer_out_cuda(const at::Tensor& x, const at::Tensor& vectors, const at::Tensor& weights,
                     const at::Tensor& strength, const std::optional<at::Tensor>& gate,
                     const std::optional<at::Tensor>& slot, at::Tensor& out);
+std::tuple<at::Tensor, at::Tensor> percentile_scale_cuda(const at::Tensor& z, const at::Tensor& k,
+                                                         int64_t method,
+                                                         std::optional<double> clip);
+std::tuple<at::Tensor, at::Tensor> adascale_stats_cuda(const at::Tensor& z,
+                                                       const at::Tensor& z_perturbed, int64_t k1,
+                                                       int64_t k2);
 #endif
 
 // Validates the steer arguments (shapes, dtypes, devices, contiguity) for any backend. Slot *values*
@@ -34,5 +46,15 @@ void check_steer_args(const at::Tensor& x, const at::Tensor& vectors, const at::
 // Checks the `out` of steer_out: x's shape, dtype and device, a contiguous last dim, and either
 // exactly x (in place) or no memory overlap with x.
 void check_steer_out(const at::Tensor& x, const at::Tensor& out);
+
+// Validates the percentile_scale arguments (z [N, D] float, k [N] int32 on z's device with values
+// checked on the CPU only, method in range, clip finite) for any backend.
+void check_percentile_args(const at::Tensor& z, const at::Tensor& k, int64_t method,
+                           std::optional<double> clip);
+// Validates the adascale_stats arguments (same-shaped float z and z_perturbed, 1 <= k1, k2 <= D).
+void check_adascale_args(const at::Tensor& z, const at::Tensor& z_perturbed, int64_t k1, int64_t k2);
+// The outputs of percentile_scale for `method`: y ([N, D], or [0, D] for ratio) and r ([N], or [0]
+// for react).
+std::tuple<at::Tensor, at::Tensor> percentile_outputs(const at::Tensor& z, int64_t method);
 
 }  // namespace actshift

@@ -17,11 +17,22 @@ TORCH_LIBRARY(actshift, m) {
         "Tensor? slot) -> Tensor");
   m.def("steer_out(Tensor x, Tensor vectors, Tensor weights, Tensor strength, Tensor? gate, "
         "Tensor? slot, Tensor(a!) out) -> ()");
+
+  // Percentile scaling of rows (see csrc/include/actshift/percentile.h for the math):
+  //   z [N, D] fp32/fp16/bf16 (contiguous), k [N] int32 kept elements per row (1 <= k <= D),
+  //   method 0 ratio, 1 scale, 2 ash_p, 3 ash_b, 4 ash_s, 5 react; clip: optional min(z, clip) first.
+  // Returns (y [N, D] of z's dtype, or [0, D] for ratio; r [N] fp32 = s1/s2, or [0] for react).
+  m.def("percentile_scale(Tensor z, Tensor k, int method, float? clip) -> (Tensor, Tensor)");
+  // AdaSCALE statistics: Q = Σ|z − z̃| over the top-k1 of z, C_o = Σ relu(z̃) over the top-k2 of z
+  // (both [N] fp32); z and z_perturbed [N, D] of one dtype.
+  m.def("adascale_stats(Tensor z, Tensor z_perturbed, int k1, int k2) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(actshift, CPU, m) {
   m.impl("steer", &actshift::steer_cpu);
   m.impl("steer_out", &actshift::steer_out_cpu);
+  m.impl("percentile_scale", &actshift::percentile_scale_cpu);
+  m.impl("adascale_stats", &actshift::adascale_stats_cpu);
 }
 
 // `import actshift._C` only needs to load this library so the static registrations above run.

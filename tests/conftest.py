@@ -18,8 +18,9 @@ TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1.6e-2}
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    """NaN must match NaN: rows with no defined result (e.g. 0/0 ratios) propagate it everywhere."""
     tol = TOL[dtype]
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=tol, atol=tol, equal_nan=True)
 
 
 def cpu_backends() -> list[str]:

@@ -6,49 +6,17 @@
 // fp16<->fp32 conversion where the CPU has them. The loops are written so GCC auto-vectorizes them;
 // bf16 conversion is integer arithmetic (round to nearest even), which vectorizes in both builds.
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
-#include <cstring>
 
 #include "actshift/steer.h"
+#include "cpu/convert.h"
 #include "ops.h"
 
 namespace actshift {
 namespace {
 
-// fp32 <-> storage conversions that GCC can vectorize.
-inline float load(const float* p, int64_t i) { return p[i]; }
-inline void store(float* p, int64_t i, float v) { p[i] = v; }
+using cpu::load;
+using cpu::store;
 
-#if defined(__x86_64__) && defined(__FLT16_MAX__)
-// _Float16 conversions become vcvtph2ps/vcvtps2ph under F16C (round to nearest even, like c10::Half).
-inline float load(const c10::Half* p, int64_t i) {
-  return static_cast<float>(reinterpret_cast<const _Float16*>(p)[i]);
-}
-inline void store(c10::Half* p, int64_t i, float v) {
-  reinterpret_cast<_Float16*>(p)[i] = static_cast<_Float16>(v);
-}
-#else
-inline float load(const c10::Half* p, int64_t i) { return static_cast<float>(p[i]); }
-inline void store(c10::Half* p, int64_t i, float v) { p[i] = c10::Half(v); }
-#endif
-
-inline float load(const c10::BFloat16* p, int64_t i) {
-  const uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-inline void store(c10::BFloat16* p, int64_t i, float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof(bits));
-  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  reinterpret_cast<uint16_t*>(p)[i] = static_cast<uint16_t>(v != v ? 0x7FC0u : rounded);
-}
-
-// One tile: columns [c0, c1) of one row. `coef` holds m coefficients; m == 0 means "copy".
-// Specialized on small m so the j-loop unrolls and the i-loop vectorizes without a reduction.
 // x and y may be the same row (in-place steering): each element is read before it is written and
 // no iteration depends on another, which `ivdep` tells the vectorizer instead of `__restrict`.
 template <typename T, int M>

@@ -3,6 +3,7 @@
     import actshift
     plan = actshift.SteeringPlan(add=v, strength=4.0)
     y = actshift.steer(hidden, plan)
+    shaped = actshift.percentile_scale(features, 85, "scale")
 """
 from __future__ import annotations
 
@@ -10,13 +11,17 @@ __version__ = "0.1.0"
 
 from .backends import BackendUnavailableError, get_backend, set_backend
 from .info import info
-from .ops import apply_steer, steer
+from .ops import adascale_stats, apply_steer, energy, percentile_scale, scale_ratio, steer
 from .steering import SteeringBank, SteeringPlan
 
 __all__ = [
     "__version__",
     "steer",
     "apply_steer",
+    "percentile_scale",
+    "scale_ratio",
+    "energy",
+    "adascale_stats",
     "SteeringPlan",
     "SteeringBank",
     "set_backend",

@@ -31,3 +31,68 @@ def steer(
     delta = torch.einsum("rm,rmd->rd", coef, vectors[s])
     y = (x.float() + delta).to(x.dtype)
     return torch.where(keep[:, None], x, y)
+
+
+# --- percentile scaling (ASH, SCALE, ReAct, AdaSCALE) ------------------------------------------
+
+PERCENTILE_METHODS = ("ratio", "scale", "ash_p", "ash_b", "ash_s", "react")
+
+
+def topk_mask(z: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """[N, D] bool: the k[n] largest entries of each row, ties kept in index order.
+
+    A stable descending sort lists equal values by ascending index, so its first k positions are
+    exactly the kernels' rule: everything above the k-th value, then the first equal ones."""
+    idx = torch.sort(z, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(idx).scatter_(1, idx, torch.arange(z.shape[1], device=z.device).expand_as(idx))
+    return rank < k.to(z.device).long()[:, None]
+
+
+def percentile_scale(
+    z: torch.Tensor, k: torch.Tensor, method: str, clip: float | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Percentile scaling of each row of z [N, D] keeping k[n] elements; returns (y, r).
+
+    r = s1 / s2 (fp32): the row sum over the sum of its k largest values. y per method:
+    scale z·e^r; ash_p keeps the top-k, zeroes the rest; ash_b writes s1/k at the kept positions;
+    ash_s = ash_p·e^r; react min(z, clip); ratio returns no y. `clip` is applied first for every
+    method. A row holding NaN/Inf (after the clip) gives NaN in y and r. react returns r = None.
+    """
+    zf = z.float()
+    if clip is not None:
+        zf = zf.clamp(max=clip)
+    if method == "react":
+        return zf.to(z.dtype), None
+    finite = torch.isfinite(zf).all(dim=1)
+    safe = torch.where(finite[:, None], zf, 0.0)
+    kept = topk_mask(safe, k)
+    s1 = safe.sum(dim=1)
+    s2 = (safe * kept).sum(dim=1)
+    r = torch.where(finite, s1 / s2, torch.nan)
+    if method == "ratio":
+        return None, r
+    scale = torch.exp(r)[:, None]
+    if method == "scale":
+        y = safe * scale
+    elif method == "ash_p":
+        y = safe * kept
+    elif method == "ash_b":
+        y = torch.where(kept, (s1 / k.to(z.device).float())[:, None], 0.0)
+    elif method == "ash_s":
+        y = safe * kept * scale
+    else:
+        raise ValueError(f"method must be one of {PERCENTILE_METHODS}, got {method!r}")
+    y = torch.where(finite[:, None], y, torch.nan)
+    return y.to(z.dtype), r
+
+
+def adascale_stats(z: torch.Tensor, z_perturbed: torch.Tensor, k1: int, k2: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """AdaSCALE's per-row statistics (fp32): Q = Σ |z − z̃| over the top-k1 positions of z and
+    C_o = Σ relu(z̃) over the top-k2 positions of z (ties in index order, as in topk_mask)."""
+    zf, pf = z.float(), z_perturbed.float()
+    n = z.shape[0]
+    m1 = topk_mask(zf, torch.full((n,), k1))
+    m2 = topk_mask(zf, torch.full((n,), k2))
+    q = ((zf - pf).abs() * m1).sum(dim=1)
+    c_o = (pf.clamp(min=0) * m2).sum(dim=1)
+    return q, c_o

@@ -1,0 +1,247 @@
+// C++ CPU kernels of percentile_scale and adascale_stats (math: csrc/include/actshift/percentile.h).
+//
+// Rows run in parallel (at::parallel_for); each row is staged once as fp32 in a thread-local
+// buffer, then:
+//   1. radix select of the k-th largest key in three digits (12, 10, 10 bits): the first pass
+//      histograms all D keys and collects the keys of the winning bin; the two later passes scan
+//      only those candidates (typically a few percent of D), so the select costs about two passes
+//      over the row;
+//   2. one pass for s_gt and c_gt (elements whose key is above tau's);
+//   3. the output pass, which keeps the first (k - c_gt) elements equal to tau in index order.
+// No sort anywhere. Elements are compared by key, so "equal to tau" is exact and the same on
+// every backend.
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+#include "actshift/percentile.h"
+#include "cpu/convert.h"
+#include "ops.h"
+
+namespace actshift {
+namespace {
+
+using namespace percentile;
+
+// Digit widths, most significant first. A 12-bit first digit (sign, exponent, 3 mantissa bits)
+// spreads values of similar magnitude over several bins, so few candidates survive the first
+// pass; its counters and per-bin sums (32 KiB) still fit in L1.
+constexpr int kDigits[] = {12, 10, 10};
+constexpr int kFirstBits = 12, kFirstBins = 1 << kFirstBits, kFirstShift = 32 - kFirstBits;
+
+// Scratch space of one thread: the row in fp32, its keys, the select candidates, and the first
+// digit's histogram with per-bin sums.
+struct Scratch {
+  std::vector<float> row;
+  std::vector<uint32_t> keys, cand;
+  std::vector<int> count;
+  std::vector<float> sum;
+  explicit Scratch(int64_t d) : row(d), keys(d), cand(d), count(kFirstBins), sum(kFirstBins) {}
+};
+
+// What the kernels need from one row: the k-th largest value tau (as a key) and the count and sum
+// of the elements above it.
+struct Selection {
+  uint32_t tau_key;
+  int64_t c_gt;
+  float s_gt;
+};
+
+// Stages row z[0..d) (clipped) into s.row / s.keys and builds the first digit's histogram and
+// per-bin sums in the same pass; returns false if the row holds NaN or Inf.
+template <typename T>
+bool stage(const T* z, int64_t d, bool has_clip, float c, Scratch& s, float& s1) {
+  std::fill(s.count.begin(), s.count.end(), 0);
+  std::fill(s.sum.begin(), s.sum.end(), 0.0f);
+  bool finite = true;
+  float total = 0.0f;
+  for (int64_t i = 0; i < d; ++i) {
+    const float v = clip(cpu::load(z, i), has_clip, c);
+    finite &= is_finite(v);
+    total += v;
+    const uint32_t kv = key(v);
+    s.row[i] = v;
+    s.keys[i] = kv;
+    ++s.count[kv >> kFirstShift];
+    s.sum[kv >> kFirstShift] += v;
+  }
+  s1 = total;
+  return finite;
+}
+
+// Radix select of the k-th largest key (1 <= k <= d) of a staged row. Elements in first-digit bins
+// above the winning bin are all above tau, so their count and sum come from the histogram; only
+// the winning bin's candidates are scanned again, digit by digit.
+Selection select(Scratch& s, int64_t d, int64_t k64) {
+  int k = static_cast<int>(k64);
+  const int bin = pick_bin(s.count.data(), kFirstBins, k);
+  Selection sel{0, 0, 0.0f};
+  for (int b = bin + 1; b < kFirstBins; ++b) {
+    sel.c_gt += s.count[b];
+    sel.s_gt += s.sum[b];
+  }
+  int64_t n = 0;
+  for (int64_t i = 0; i < d; ++i) {
+    if ((s.keys[i] >> kFirstShift) == static_cast<uint32_t>(bin)) s.cand[n++] = s.keys[i];
+  }
+  const int64_t in_bin = n;
+  uint32_t prefix = static_cast<uint32_t>(bin) << kFirstShift;
+  int shift = kFirstShift;
+  int hist[1 << 10];
+  for (int pass = 1; pass < 3; ++pass) {
+    const int bins = 1 << kDigits[pass];
+    shift -= kDigits[pass];
+    const uint32_t mask = static_cast<uint32_t>(bins - 1);
+    std::fill(hist, hist + bins, 0);
+    for (int64_t j = 0; j < n; ++j) ++hist[(s.cand[j] >> shift) & mask];
+    const uint32_t b = static_cast<uint32_t>(pick_bin(hist, bins, k));
+    prefix |= b << shift;
+    int64_t m = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      if (((s.cand[j] >> shift) & mask) == b) s.cand[m++] = s.cand[j];
+    }
+    n = m;
+  }
+  sel.tau_key = prefix;
+  // The winning bin's elements above tau (its candidates were compacted in place, so scan the row).
+  if (in_bin > n) {
+    const uint32_t first = static_cast<uint32_t>(bin);
+    for (int64_t i = 0; i < d; ++i) {
+      const uint32_t kv = s.keys[i];
+      if ((kv >> kFirstShift) == first && kv > prefix) {
+        ++sel.c_gt;
+        sel.s_gt += s.row[i];
+      }
+    }
+  }
+  return sel;
+}
+
+// Whether element i is kept (above tau, or one of the first `ties_left` elements equal to it).
+inline bool keep(uint32_t kv, uint32_t tk, int64_t& ties_left) {
+  if (kv > tk) return true;
+  if (kv == tk && ties_left > 0) {
+    --ties_left;
+    return true;
+  }
+  return false;
+}
+
+template <typename T>
+void percentile_rows(const at::Tensor& z, const int32_t* kp, int method, bool has_clip, float c,
+                     at::Tensor& y, float* r) {
+  const int64_t n = z.size(0), d = z.size(1);
+  const T* zp = z.data_ptr<T>();
+  T* yp = y.numel() ? y.data_ptr<T>() : nullptr;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1));
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    Scratch s(d);
+    for (int64_t row = begin; row < end; ++row) {
+      const T* zr = zp + row * d;
+      T* yr = yp ? yp + row * d : nullptr;
+      if (method == kReact) {
+        for (int64_t i = 0; i < d; ++i) cpu::store(yr, i, clip(cpu::load(zr, i), true, c));
+        continue;
+      }
+      float s1;
+      if (!stage(zr, d, has_clip, c, s, s1)) {
+        r[row] = NAN;
+        for (int64_t i = 0; yr && i < d; ++i) cpu::store(yr, i, NAN);
+        continue;
+      }
+      const int64_t k = kp[row];
+      const Selection sel = select(s, d, k);
+      const float ratio = s1 / topk_sum(sel.s_gt, sel.c_gt, k, from_key(sel.tau_key));
+      r[row] = ratio;
+      if (!yr) continue;
+      const float scale = std::exp(ratio);
+      if (!needs_mask(method)) {
+        for (int64_t i = 0; i < d; ++i) cpu::store(yr, i, shape(method, s.row[i], true, s1, k, scale));
+        continue;
+      }
+      int64_t ties_left = k - sel.c_gt;
+      for (int64_t i = 0; i < d; ++i) {
+        const bool kept = keep(s.keys[i], sel.tau_key, ties_left);
+        cpu::store(yr, i, shape(method, s.row[i], kept, s1, k, scale));
+      }
+    }
+  });
+}
+
+// Σ over the top-k positions of a staged row (index-ordered ties) of f(i).
+template <typename F>
+float topk_positions_sum(Scratch& s, int64_t d, int64_t k, F f) {
+  const Selection sel = select(s, d, k);
+  int64_t ties_left = k - sel.c_gt;
+  float total = 0.0f;
+  for (int64_t i = 0; i < d; ++i) {
+    if (keep(s.keys[i], sel.tau_key, ties_left)) total += f(i);
+  }
+  return total;
+}
+
+template <typename T>
+void adascale_rows(const at::Tensor& z, const at::Tensor& zt, int64_t k1, int64_t k2, float* q,
+                   float* c_o) {
+  const int64_t n = z.size(0), d = z.size(1);
+  const T* zp = z.data_ptr<T>();
+  const T* tp = zt.data_ptr<T>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1));
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    Scratch s(d);
+    for (int64_t row = begin; row < end; ++row) {
+      float s1;
+      stage(zp + row * d, d, false, 0.0f, s, s1);
+      const T* tr = tp + row * d;
+      // The selection reorders only s.cand, so s.keys and s.row serve both sums.
+      q[row] = topk_positions_sum(s, d, k1,
+                                  [&](int64_t i) { return std::fabs(s.row[i] - cpu::load(tr, i)); });
+      c_o[row] = topk_positions_sum(s, d, k2,
+                                    [&](int64_t i) { return std::max(cpu::load(tr, i), 0.0f); });
+    }
+  });
+}
+
+void check_cpu(const at::Tensor& z, const char* op) {
+  TORCH_CHECK_VALUE(z.device().is_cpu(), op, ": z must be a CPU tensor for the cpu backend");
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> percentile_scale_cpu(const at::Tensor& z, const at::Tensor& k,
+                                                        int64_t method, std::optional<double> clip) {
+  check_percentile_args(z, k, method, clip);
+  check_cpu(z, "percentile_scale");
+  auto [y, r] = percentile_outputs(z, method);
+  if (z.numel() == 0) return {y, r};
+  const bool has_clip = clip.has_value();
+  const float c = static_cast<float>(clip.value_or(0.0));
+  const int32_t* kp = k.data_ptr<int32_t>();
+  float* rp = r.numel() ? r.data_ptr<float>() : nullptr;
+  const int m = static_cast<int>(method);
+  switch (z.scalar_type()) {
+    case at::kFloat: percentile_rows<float>(z, kp, m, has_clip, c, y, rp); break;
+    case at::kHalf: percentile_rows<c10::Half>(z, kp, m, has_clip, c, y, rp); break;
+    default: percentile_rows<c10::BFloat16>(z, kp, m, has_clip, c, y, rp); break;
+  }
+  return {y, r};
+}
+
+std::tuple<at::Tensor, at::Tensor> adascale_stats_cpu(const at::Tensor& z,
+                                                      const at::Tensor& z_perturbed, int64_t k1,
+                                                      int64_t k2) {
+  check_adascale_args(z, z_perturbed, k1, k2);
+  check_cpu(z, "adascale_stats");
+  const auto opts = z.options().dtype(at::kFloat);
+  at::Tensor q = at::empty({z.size(0)}, opts), c_o = at::empty({z.size(0)}, opts);
+  if (z.numel() == 0) return {q, c_o};
+  switch (z.scalar_type()) {
+    case at::kFloat: adascale_rows<float>(z, z_perturbed, k1, k2, q.data_ptr<float>(), c_o.data_ptr<float>()); break;
+    case at::kHalf: adascale_rows<c10::Half>(z, z_perturbed, k1, k2, q.data_ptr<float>(), c_o.data_ptr<float>()); break;
+    default: adascale_rows<c10::BFloat16>(z, z_perturbed, k1, k2, q.data_ptr<float>(), c_o.data_ptr<float>()); break;
+  }
+  return {q, c_o};
+}
+
+}  // namespace actshift
