@@ -1,11 +1,12 @@
 // CUDA implementations of the actshift ops, registered for the CUDA dispatch key. Compiled only
 // when torch has CUDA (ACTSHIFT_WITH_CUDA). This file is the only bridge between tensors and the
-// torch-free launchers of csrc/cuda: it validates, allocates the output, picks the device and stream,
-// and turns launch errors into Python exceptions.
+// torch-free launchers of csrc/cuda: it validates, allocates the outputs, picks the device and
+// stream, and turns launch errors into Python exceptions.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "cuda/percentile.h"
 #include "cuda/steer.h"
 #include "ops.h"
 
@@ -13,18 +14,21 @@ namespace actshift {
 
 namespace {
 
+// The launchers' element type; every op's checks admit exactly these three dtypes.
+cuda::DType dtype_of(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat  ? cuda::DType::kFloat32
+         : t.scalar_type() == at::kHalf ? cuda::DType::kFloat16
+                                        : cuda::DType::kBFloat16;
+}
+
 // Launches the kernel into `out` (already checked against x); x and every argument are on the
 // current CUDA device.
 void launch(const at::Tensor& x, const at::Tensor& vectors, const at::Tensor& weights,
             const at::Tensor& strength, const std::optional<at::Tensor>& gate,
             const std::optional<at::Tensor>& slot, at::Tensor& out) {
-  // check_steer_args admits exactly these three dtypes.
-  const cuda::DType dtype = x.scalar_type() == at::kFloat  ? cuda::DType::kFloat32
-                            : x.scalar_type() == at::kHalf ? cuda::DType::kFloat16
-                                                           : cuda::DType::kBFloat16;
   const cudaError_t err = cuda::launch_steer(
-      dtype, x.const_data_ptr(), x.stride(0), out.mutable_data_ptr(), out.stride(0), x.size(0),
-      x.size(1), vectors.const_data_ptr<float>(), weights.const_data_ptr<float>(),
+      dtype_of(x), x.const_data_ptr(), x.stride(0), out.mutable_data_ptr(), out.stride(0),
+      x.size(0), x.size(1), vectors.const_data_ptr<float>(), weights.const_data_ptr<float>(),
       strength.const_data_ptr<float>(), vectors.size(0), static_cast<int>(vectors.size(1)),
       gate.has_value() ? gate->const_data_ptr<float>() : nullptr,
       slot.has_value() ? slot->const_data_ptr() : nullptr,
@@ -36,6 +40,12 @@ void check_cuda(const at::Tensor& x) {
   // check_steer_args puts every tensor on x's device, so checking x covers them all.
   TORCH_CHECK_VALUE(x.is_cuda(), "steer: x must be a CUDA tensor for the cuda backend, got ",
                     x.device());
+}
+
+// The percentile checks put k / z_perturbed on z's device, so checking z covers them all.
+void check_cuda_z(const at::Tensor& z, const char* op) {
+  TORCH_CHECK_VALUE(z.is_cuda(), op, ": z must be a CUDA tensor for the cuda backend, got ",
+                    z.device());
 }
 
 }  // namespace
@@ -62,9 +72,48 @@ void steer_out_cuda(const at::Tensor& x, const at::Tensor& vectors, const at::Te
   launch(x, vectors, weights, strength, gate, slot, out);
 }
 
+std::tuple<at::Tensor, at::Tensor> percentile_scale_cuda(const at::Tensor& z, const at::Tensor& k,
+                                                         int64_t method,
+                                                         std::optional<double> clip) {
+  check_percentile_args(z, k, method, clip);
+  check_cuda_z(z, "percentile_scale");
+  const c10::cuda::CUDAGuard device_guard(z.device());
+  auto [y, r] = percentile_outputs(z, method);
+  // The kernel reads k only for methods that select; a k outside [1, D] (not checked for CUDA
+  // tensors, which would need a device sync) gives that row NaN in y and r.
+  const cudaError_t err = cuda::launch_percentile_scale(
+      dtype_of(z), z.const_data_ptr(), y.numel() > 0 ? y.mutable_data_ptr() : nullptr,
+      r.numel() > 0 ? r.mutable_data_ptr<float>() : nullptr, k.const_data_ptr<int32_t>(), z.size(0),
+      z.size(1), static_cast<int>(method), clip.has_value(), static_cast<float>(clip.value_or(0.0)),
+      at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "percentile_scale: CUDA kernel launch failed: ",
+              cudaGetErrorString(err));
+  return {y, r};
+}
+
+std::tuple<at::Tensor, at::Tensor> adascale_stats_cuda(const at::Tensor& z,
+                                                       const at::Tensor& z_perturbed, int64_t k1,
+                                                       int64_t k2) {
+  check_adascale_args(z, z_perturbed, k1, k2);
+  check_cuda_z(z, "adascale_stats");
+  const c10::cuda::CUDAGuard device_guard(z.device());
+  const at::TensorOptions fp32 = z.options().dtype(at::kFloat);
+  at::Tensor q = at::empty({z.size(0)}, fp32);
+  at::Tensor c_o = at::empty({z.size(0)}, fp32);
+  const cudaError_t err = cuda::launch_adascale_stats(
+      dtype_of(z), z.const_data_ptr(), z_perturbed.const_data_ptr(), q.mutable_data_ptr<float>(),
+      c_o.mutable_data_ptr<float>(), z.size(0), z.size(1), static_cast<int>(k1),
+      static_cast<int>(k2), at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "adascale_stats: CUDA kernel launch failed: ",
+              cudaGetErrorString(err));
+  return {q, c_o};
+}
+
 }  // namespace actshift
 
 TORCH_LIBRARY_IMPL(actshift, CUDA, m) {
   m.impl("steer", &actshift::steer_cuda);
   m.impl("steer_out", &actshift::steer_out_cuda);
+  m.impl("percentile_scale", &actshift::percentile_scale_cuda);
+  m.impl("adascale_stats", &actshift::adascale_stats_cuda);
 }

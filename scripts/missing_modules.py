@@ -1,6 +1,9 @@
-"""Prints those of the given module names that cannot be imported here, space-separated.
-(Each name is both the pip distribution and the import name for the packages the Makefile lists.)"""
+"""Prints those of the given pip distribution names whose module cannot be imported here, space-separated.
+(The import name is the distribution name except where IMPORT_NAMES says otherwise.)"""
 import importlib.util
 import sys
 
-print(" ".join(name for name in sys.argv[1:] if importlib.util.find_spec(name) is None))
+IMPORT_NAMES = {"scikit-learn": "sklearn"}
+
+missing = [name for name in sys.argv[1:] if importlib.util.find_spec(IMPORT_NAMES.get(name, name)) is None]
+print(" ".join(missing))

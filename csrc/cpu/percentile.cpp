@@ -2,11 +2,11 @@
 //
 // Rows run in parallel (at::parallel_for); each row is staged once as fp32 in a thread-local
 // buffer, then:
-//   1. radix select of the k-th largest key in three digits (12, 10, 10 bits): the first pass
-//      histograms all D keys and collects the keys of the winning bin; the two later passes scan
-//      only those candidates (typically a few percent of D), so the select costs about two passes
-//      over the row;
-//   2. one pass for s_gt and c_gt (elements whose key is above tau's);
+//   1. staging: clip, fp32, keys and s1, branch-free so it vectorizes;
+//   2. radix select of the k-th largest key in three digits (12, 10, 10 bits): a histogram pass,
+//      then one pass that counts and sums the elements in higher bins (above tau for sure) and
+//      compacts the winning bin's keys; the two later digits scan only those candidates
+//      (typically a few percent of D);
 //   3. the output pass, which keeps the first (k - c_gt) elements equal to tau in index order.
 // No sort anywhere. Elements are compared by key, so "equal to tau" is exact and the same on
 // every backend.
@@ -26,18 +26,17 @@ using namespace percentile;
 
 // Digit widths, most significant first. A 12-bit first digit (sign, exponent, 3 mantissa bits)
 // spreads values of similar magnitude over several bins, so few candidates survive the first
-// pass; its counters and per-bin sums (32 KiB) still fit in L1.
+// pass; its two 16 KiB histograms still fit in L1/L2.
 constexpr int kDigits[] = {12, 10, 10};
 constexpr int kFirstBits = 12, kFirstBins = 1 << kFirstBits, kFirstShift = 32 - kFirstBits;
 
-// Scratch space of one thread: the row in fp32, its keys, the select candidates, and the first
-// digit's histogram with per-bin sums.
+// Scratch space of one thread: the row in fp32, its keys, the select candidates, and two
+// interleaved histograms of the first digit.
 struct Scratch {
   std::vector<float> row;
   std::vector<uint32_t> keys, cand;
-  std::vector<int> count;
-  std::vector<float> sum;
-  explicit Scratch(int64_t d) : row(d), keys(d), cand(d), count(kFirstBins), sum(kFirstBins) {}
+  std::vector<int> count, count2;
+  explicit Scratch(int64_t d) : row(d), keys(d), cand(d), count(kFirstBins), count2(kFirstBins) {}
 };
 
 // What the kernels need from one row: the k-th largest value tau (as a key) and the count and sum
@@ -46,47 +45,99 @@ struct Selection {
   uint32_t tau_key;
   int64_t c_gt;
   float s_gt;
+  int64_t c_eq;  // elements equal to tau: when all of them are kept, `kept` is just key >= tau_key
 };
 
-// Stages row z[0..d) (clipped) into s.row / s.keys and builds the first digit's histogram and
-// per-bin sums in the same pass; returns false if the row holds NaN or Inf.
+constexpr int kLanes = 8;  // independent partial sums: a vector register instead of a latency chain
+
+// Stages row z[0..d) (clipped) into s.row / s.keys and returns s1; `finite` is false if the row
+// holds NaN or Inf. Branch-free, so GCC vectorizes it.
 template <typename T>
-bool stage(const T* z, int64_t d, bool has_clip, float c, Scratch& s, float& s1) {
-  std::fill(s.count.begin(), s.count.end(), 0);
-  std::fill(s.sum.begin(), s.sum.end(), 0.0f);
-  bool finite = true;
-  float total = 0.0f;
-  for (int64_t i = 0; i < d; ++i) {
-    const float v = clip(cpu::load(z, i), has_clip, c);
-    finite &= is_finite(v);
-    total += v;
-    const uint32_t kv = key(v);
-    s.row[i] = v;
-    s.keys[i] = kv;
-    ++s.count[kv >> kFirstShift];
-    s.sum[kv >> kFirstShift] += v;
+float stage(const T* z, int64_t d, bool has_clip, float c, Scratch& s, bool& finite) {
+  float part[kLanes] = {};
+  int bad = 0;
+  int64_t i = 0;
+  for (; i + kLanes <= d; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const float v = clip(cpu::load(z, i + l), has_clip, c);
+      bad |= !is_finite(v);
+      part[l] += v;
+      s.row[i + l] = v;
+      s.keys[i + l] = key(v);
+    }
   }
-  s1 = total;
-  return finite;
+  for (; i < d; ++i) {
+    const float v = clip(cpu::load(z, i), has_clip, c);
+    bad |= !is_finite(v);
+    part[0] += v;
+    s.row[i] = v;
+    s.keys[i] = key(v);
+  }
+  finite = !bad;
+  float total = 0.0f;
+  for (int l = 0; l < kLanes; ++l) total += part[l];
+  return total;
 }
 
-// Radix select of the k-th largest key (1 <= k <= d) of a staged row. Elements in first-digit bins
-// above the winning bin are all above tau, so their count and sum come from the histogram; only
-// the winning bin's candidates are scanned again, digit by digit.
+// Radix select of the k-th largest key (1 <= k <= d) of a staged row, with the count and sum of
+// the elements above it.
 Selection select(Scratch& s, int64_t d, int64_t k64) {
+  // First digit over the whole row. Alternating two histograms keeps runs of equal digits (the
+  // zeros of a ReLU row) from serializing on one counter.
+  std::fill(s.count.begin(), s.count.end(), 0);
+  std::fill(s.count2.begin(), s.count2.end(), 0);
+  int64_t i = 0;
+  for (; i + 1 < d; i += 2) {
+    ++s.count[s.keys[i] >> kFirstShift];
+    ++s.count2[s.keys[i + 1] >> kFirstShift];
+  }
+  if (i < d) ++s.count[s.keys[i] >> kFirstShift];
+  // Walk the bins from the top (summing the two histograms on the way) to the one holding rank k.
   int k = static_cast<int>(k64);
-  const int bin = pick_bin(s.count.data(), kFirstBins, k);
-  Selection sel{0, 0, 0.0f};
-  for (int b = bin + 1; b < kFirstBins; ++b) {
-    sel.c_gt += s.count[b];
-    sel.s_gt += s.sum[b];
+  uint32_t bin = 0;
+  for (int b = kFirstBins - 1; b >= 0; --b) {
+    const int c = s.count[b] + s.count2[b];
+    if (k <= c) {
+      bin = static_cast<uint32_t>(b);
+      break;
+    }
+    k -= c;
   }
+
+  // Elements in higher bins are above tau for sure: count and sum them (8 lanes, vectorizable).
+  const uint32_t* keys = s.keys.data();
+  const float* row = s.row.data();
+  int64_t c_lane[kLanes] = {};
+  float s_lane[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= d; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const bool gt = (keys[j + l] >> kFirstShift) > bin;
+      c_lane[l] += gt;
+      s_lane[l] += gt ? row[j + l] : 0.0f;
+    }
+  }
+  for (; j < d; ++j) {
+    const bool gt = (keys[j] >> kFirstShift) > bin;
+    c_lane[0] += gt;
+    s_lane[0] += gt ? row[j] : 0.0f;
+  }
+  int64_t c_gt = 0;
+  float s_gt = 0.0f;
+  for (int l = 0; l < kLanes; ++l) {
+    c_gt += c_lane[l];
+    s_gt += s_lane[l];
+  }
+  // The winning bin's keys become the candidates (branch-free compaction).
+  uint32_t* cand = s.cand.data();
   int64_t n = 0;
-  for (int64_t i = 0; i < d; ++i) {
-    if ((s.keys[i] >> kFirstShift) == static_cast<uint32_t>(bin)) s.cand[n++] = s.keys[i];
+  for (j = 0; j < d; ++j) {
+    cand[n] = keys[j];
+    n += (keys[j] >> kFirstShift) == bin;
   }
-  const int64_t in_bin = n;
-  uint32_t prefix = static_cast<uint32_t>(bin) << kFirstShift;
+
+  // Later digits over the candidates only; those above tau's prefix are counted as they drop out.
+  uint32_t prefix = bin << kFirstShift;
   int shift = kFirstShift;
   int hist[1 << 10];
   for (int pass = 1; pass < 3; ++pass) {
@@ -94,28 +145,21 @@ Selection select(Scratch& s, int64_t d, int64_t k64) {
     shift -= kDigits[pass];
     const uint32_t mask = static_cast<uint32_t>(bins - 1);
     std::fill(hist, hist + bins, 0);
-    for (int64_t j = 0; j < n; ++j) ++hist[(s.cand[j] >> shift) & mask];
+    for (int64_t q = 0; q < n; ++q) ++hist[(cand[q] >> shift) & mask];
     const uint32_t b = static_cast<uint32_t>(pick_bin(hist, bins, k));
     prefix |= b << shift;
     int64_t m = 0;
-    for (int64_t j = 0; j < n; ++j) {
-      if (((s.cand[j] >> shift) & mask) == b) s.cand[m++] = s.cand[j];
+    for (int64_t q = 0; q < n; ++q) {
+      const uint32_t kv = cand[q];
+      const uint32_t digit = (kv >> shift) & mask;
+      c_gt += digit > b;
+      s_gt += digit > b ? from_key(kv) : 0.0f;
+      cand[m] = kv;
+      m += digit == b;
     }
     n = m;
   }
-  sel.tau_key = prefix;
-  // The winning bin's elements above tau (its candidates were compacted in place, so scan the row).
-  if (in_bin > n) {
-    const uint32_t first = static_cast<uint32_t>(bin);
-    for (int64_t i = 0; i < d; ++i) {
-      const uint32_t kv = s.keys[i];
-      if ((kv >> kFirstShift) == first && kv > prefix) {
-        ++sel.c_gt;
-        sel.s_gt += s.row[i];
-      }
-    }
-  }
-  return sel;
+  return Selection{prefix, c_gt, s_gt, n};
 }
 
 // Whether element i is kept (above tau, or one of the first `ties_left` elements equal to it).
@@ -144,8 +188,9 @@ void percentile_rows(const at::Tensor& z, const int32_t* kp, int method, bool ha
         for (int64_t i = 0; i < d; ++i) cpu::store(yr, i, clip(cpu::load(zr, i), true, c));
         continue;
       }
-      float s1;
-      if (!stage(zr, d, has_clip, c, s, s1)) {
+      bool finite;
+      const float s1 = stage(zr, d, has_clip, c, s, finite);
+      if (!finite) {
         r[row] = NAN;
         for (int64_t i = 0; yr && i < d; ++i) cpu::store(yr, i, NAN);
         continue;
@@ -156,11 +201,17 @@ void percentile_rows(const at::Tensor& z, const int32_t* kp, int method, bool ha
       r[row] = ratio;
       if (!yr) continue;
       const float scale = std::exp(ratio);
-      if (!needs_mask(method)) {
-        for (int64_t i = 0; i < d; ++i) cpu::store(yr, i, shape(method, s.row[i], true, s1, k, scale));
+      if (method == kScale) {
+        for (int64_t i = 0; i < d; ++i) cpu::store(yr, i, s.row[i] * scale);
         continue;
       }
       int64_t ties_left = k - sel.c_gt;
+      if (ties_left == sel.c_eq) {  // every element equal to tau is kept: branch-free
+        for (int64_t i = 0; i < d; ++i) {
+          cpu::store(yr, i, shape(method, s.row[i], s.keys[i] >= sel.tau_key, s1, k, scale));
+        }
+        continue;
+      }
       for (int64_t i = 0; i < d; ++i) {
         const bool kept = keep(s.keys[i], sel.tau_key, ties_left);
         cpu::store(yr, i, shape(method, s.row[i], kept, s1, k, scale));
@@ -191,8 +242,8 @@ void adascale_rows(const at::Tensor& z, const at::Tensor& zt, int64_t k1, int64_
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     Scratch s(d);
     for (int64_t row = begin; row < end; ++row) {
-      float s1;
-      stage(zp + row * d, d, false, 0.0f, s, s1);
+      bool finite;
+      stage(zp + row * d, d, false, 0.0f, s, finite);
       const T* tr = tp + row * d;
       // The selection reorders only s.cand, so s.keys and s.row serve both sums.
       q[row] = topk_positions_sum(s, d, k1,

@@ -7,13 +7,13 @@
 
 #include <cstdint>
 
+#include "dtype.h"
+
 namespace actshift {
 namespace cuda {
 
-// Element type of x and y; vectors, weights, strength and gate are always fp32.
-enum class DType { kFloat32, kFloat16, kBFloat16 };
-
 // y[r, :] = x[r, :] + Σ_j c_j · vectors[s, j, :] for every row r, asynchronously on `stream`.
+//   dtype:    element type of x and y; vectors, weights, strength and gate are always fp32.
 //   x:        [rows, d] of `dtype`, last dim contiguous, `x_stride` elements between rows.
 //   y:        [rows, d] of `dtype`, last dim contiguous, `y_stride` elements between rows; either
 //             exactly x (in-place steering) or not overlapping it.

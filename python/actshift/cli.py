@@ -1,8 +1,27 @@
-"""Command line: `actshift info` and `actshift bench`."""
+"""Command line: `actshift info`, `actshift bench` and `actshift ood-eval`."""
 from __future__ import annotations
 
 import argparse
 import sys
+
+
+def _methods(text: str) -> list[str]:
+    """--methods: a comma-separated list of OOD method names."""
+    from .ood.postprocessors import METHODS
+
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        given = ", ".join(unknown) or "(none given)"
+        raise argparse.ArgumentTypeError(f"unknown method(s) {given}; choose from {', '.join(METHODS)}")
+    return methods
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,12 +33,21 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     bench.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
     bench.add_argument("--out", default="benchmarks/results", help="folder for the CSV and the plot")
+    ood_eval = sub.add_parser("ood-eval", help="offline OOD evaluation on scikit-learn's digits")
+    ood_eval.add_argument("--seed", type=int, default=0, help="data split, noise and training seed")
+    ood_eval.add_argument("--epochs", type=_positive_int, default=60, help="classifier training epochs")
+    ood_eval.add_argument("--methods", type=_methods, help="comma-separated subset, e.g. energy,react,scale")
     args = parser.parse_args(argv)
 
     if args.command == "info":
         from .info import format_info, info
 
         print(format_info(info()))
+        return 0
+    if args.command == "ood-eval":
+        from .ood import digits
+
+        digits.main(seed=args.seed, epochs=args.epochs, methods=args.methods)
         return 0
     from .benchmarks.run import run
 

@@ -6,7 +6,7 @@ import numbers
 import torch
 
 from .. import _ext, backends, reference
-from .percentile import as_rows
+from .percentile import TRITON_MAX_D, as_rows
 
 if _ext.EXT_LOADED:
 
@@ -30,6 +30,8 @@ def adascale_stats(z: torch.Tensor, z_perturbed: torch.Tensor, k1: int, k2: int,
     if name == "reference":
         return reference.adascale_stats(z2, p2, int(k1), int(k2))
     if name == "triton":
+        if d > TRITON_MAX_D:
+            raise ValueError(f"z has {d} features; the triton backend supports up to {TRITON_MAX_D}")
         if not hasattr(torch.ops.actshift, "adascale_stats_triton"):
             from ..kernels import percentile as triton_percentile
 

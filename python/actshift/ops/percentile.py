@@ -16,6 +16,7 @@ from .. import _ext, backends, reference
 METHODS = ("scale", "ash_p", "ash_b", "ash_s", "react")
 _CODES = {name: i for i, name in enumerate(reference.PERCENTILE_METHODS)}  # ratio=0 ... react=5
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRITON_MAX_D = 16384  # kernels/percentile.py keeps a whole row in one program's registers
 
 
 def _outputs_fake(z, method):
@@ -108,6 +109,9 @@ def run_percentile(z2: torch.Tensor, k: torch.Tensor | None, method: str, clip: 
     if name == "reference":
         return reference.percentile_scale(z2, k, method, clip)
     if name == "triton":
+        if z2.shape[1] > TRITON_MAX_D:
+            raise ValueError(f"z has {z2.shape[1]} features; the triton backend holds a row in one program, "
+                             f"up to {TRITON_MAX_D} (use backend='cuda' or 'cpu')")
         _triton_ready()
         y, r = torch.ops.actshift.percentile_scale_triton(z2, k, code, clip)
     else:
