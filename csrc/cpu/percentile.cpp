@@ -206,9 +206,16 @@ void percentile_rows(const at::Tensor& z, const int32_t* kp, int method, bool ha
         continue;
       }
       int64_t ties_left = k - sel.c_gt;
-      if (ties_left == sel.c_eq) {  // every element equal to tau is kept: branch-free
-        for (int64_t i = 0; i < d; ++i) {
-          cpu::store(yr, i, shape(method, s.row[i], s.keys[i] >= sel.tau_key, s1, k, scale));
+      if (ties_left == sel.c_eq) {  // every element equal to tau is kept: branch-free loops
+        const uint32_t tk = sel.tau_key;
+        const float* row = s.row.data();
+        const uint32_t* keys = s.keys.data();
+        const float fill = method == kAshB ? s1 / static_cast<float>(k) : 0.0f;
+        const float mul = method == kAshS ? scale : 1.0f;
+        if (method == kAshB) {
+          for (int64_t i = 0; i < d; ++i) cpu::store(yr, i, keys[i] >= tk ? fill : 0.0f);
+        } else {  // ash_p, ash_s: (kept ? z : 0) · mul, the same as shape()
+          for (int64_t i = 0; i < d; ++i) cpu::store(yr, i, (keys[i] >= tk ? row[i] : 0.0f) * mul);
         }
         continue;
       }
