@@ -43,6 +43,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "convert.cuh"
 #include "actshift/percentile.h"
 
 namespace actshift {
@@ -89,25 +90,6 @@ struct Plus {
     return a + b;
   }
 };
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // kVec elements as fp32; with kVec > 1 a single 128-bit load.
 template <int kVec, typename T>

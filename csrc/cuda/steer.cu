@@ -27,6 +27,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "convert.cuh"
 #include "actshift/steer.h"
 
 namespace actshift {
@@ -57,25 +58,6 @@ struct Params {
   const float* gate;
   const IndexT* slot;
 };
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // kVec elements of x; going through uint4 makes the vector path a single 128-bit load. Plain (not
 // read-only) loads: with in-place steering y is x, so x is written while the kernel runs.
