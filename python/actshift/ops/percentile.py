@@ -19,18 +19,14 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_MAX_D = 16384  # kernels/percentile.py keeps a whole row in one program's registers
 
 
-def _outputs_fake(z, method):
-    n, d = z.shape
-    y = z.new_empty((0 if method == _CODES["ratio"] else n, d))
-    r = z.new_empty((0 if method == _CODES["react"] else n,), dtype=torch.float32)
-    return y, r
-
-
 if _ext.EXT_LOADED:
 
     @torch.library.register_fake("actshift::percentile_scale")
     def _percentile_fake(z, k, method, clip):
-        return _outputs_fake(z, method)
+        n, d = z.shape
+        y = z.new_empty((0 if method == _CODES["ratio"] else n, d))
+        r = z.new_empty((0 if method == _CODES["react"] else n,), dtype=torch.float32)
+        return y, r
 
 
 def _triton_ready() -> None:
@@ -60,7 +56,7 @@ def percentile_k(d: int, percentile, n: int, device: torch.device) -> torch.Tens
     or a tensor of n such numbers. Raises ValueError when p is out of range or k rounds to 0.
 
     A per-row tensor is range-checked in eager mode only (the check reads its values); under
-    torch.compile the kernels clamp k to [1, d]."""
+    torch.compile out-of-range percentiles are clamped to k in [1, d] instead of rejected."""
     if isinstance(percentile, numbers.Real) and not isinstance(percentile, bool):
         p = float(percentile)
         if not 0 < p < 100:  # also rejects NaN
