@@ -54,12 +54,15 @@ constexpr int kLanes = 8;  // independent partial sums: a vector register instea
 // holds NaN or Inf. Branch-free, so GCC vectorizes it.
 template <typename T>
 float stage(const T* z, int64_t d, bool has_clip, float c, Scratch& s, bool& finite) {
+  // Clipping at +inf changes nothing (NaN > c is false too), so the loop needs no branch on it.
+  c = has_clip ? c : INFINITY;
   float part[kLanes] = {};
   int bad = 0;
   int64_t i = 0;
   for (; i + kLanes <= d; i += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
-      const float v = clip(cpu::load(z, i + l), has_clip, c);
+      const float x = cpu::load(z, i + l);
+      const float v = x > c ? c : x;
       bad |= !is_finite(v);
       part[l] += v;
       s.row[i + l] = v;
@@ -67,7 +70,8 @@ float stage(const T* z, int64_t d, bool has_clip, float c, Scratch& s, bool& fin
     }
   }
   for (; i < d; ++i) {
-    const float v = clip(cpu::load(z, i), has_clip, c);
+    const float x = cpu::load(z, i);
+    const float v = x > c ? c : x;
     bad |= !is_finite(v);
     part[0] += v;
     s.row[i] = v;

@@ -28,18 +28,21 @@ enum Method : int { kRatio = 0, kScale = 1, kAshP = 2, kAshB = 3, kAshS = 4, kRe
 // Order-preserving map from float to uint32: a < b  <=>  key(a) < key(b), and a == b  <=>
 // key(a) == key(b), for non-NaN a, b (-0.0 is first turned into +0.0, since they compare equal).
 ACTSHIFT_HD uint32_t key(float v) {
-  if (v == 0.0f) v = 0.0f;
   uint32_t bits;
 #if defined(__CUDA_ARCH__)
   bits = __float_as_uint(v);
 #else
   std::memcpy(&bits, &v, sizeof(bits));
 #endif
-  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+  bits = bits == 0x80000000u ? 0u : bits;  // -0.0 -> +0.0
+  // Branch-free (so loops over it vectorize): negative values flip every bit, others the sign bit.
+  const uint32_t mask = static_cast<uint32_t>(static_cast<int32_t>(bits) >> 31) | 0x80000000u;
+  return bits ^ mask;
 }
 
 ACTSHIFT_HD float from_key(uint32_t k) {
-  const uint32_t bits = (k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k;
+  const uint32_t mask = ((k >> 31) - 1u) | 0x80000000u;  // top bit set: a non-negative value
+  const uint32_t bits = k ^ mask;
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(bits);
 #else
