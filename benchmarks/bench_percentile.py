@@ -15,9 +15,8 @@ from collections.abc import Iterator
 import torch
 
 import actshift
-from actshift import backends
 
-from .harness import COMPILE, COPY, EAGER, Case
+from .harness import COMPILE, COPY, EAGER, Case, compiled, dtypes, our_backends
 
 QUANTILE = "torch.quantile"
 PERCENTILE = 85.0  # SCALE's default; ASH-S runs at 90
@@ -25,15 +24,6 @@ PERCENTILE = 85.0  # SCALE's default; ASH-S runs at 90
 
 def shapes(quick: bool) -> list[tuple[int, int]]:
     return [(256, 2048)] if quick else [(256, 2048), (1024, 2048), (64, 8192)]
-
-
-def dtypes(device: str) -> list[torch.dtype]:
-    return [torch.float32] if device == "cpu" else [torch.float16, torch.bfloat16]
-
-
-def our_backends(device: str) -> list[str]:
-    dev = torch.device(device)
-    return [b for b in ("cpu", "cuda", "triton") if not backends.unavailable_reason(b, dev)]
 
 
 def _k(d: int, p: float) -> int:
@@ -93,10 +83,9 @@ def cases(device: str, quick: bool) -> Iterator[Case]:
                 providers = {
                     EAGER: lambda eager=eager, p=p: eager(z, p),
                     QUANTILE: lambda quant=quant, p=p: quant(z, p),
-                    COMPILE: torch.compile(lambda z, eager=eager, p=p: eager(z, p), dynamic=False),
+                    COMPILE: compiled(lambda eager=eager, p=p: eager(z, p)),
                     COPY: lambda: out.copy_(z),
                 }
-                providers[COMPILE] = (lambda f: lambda: f(z))(providers[COMPILE])
                 for b in our_backends(device):
                     providers[f"actshift-{b}"] = lambda b=b, method=method, p=p: actshift.percentile_scale(z, p, method, backend=b)
                 yield Case("percentile_scale", f"{method}@{p:g}", shape, dtype, providers,
@@ -106,7 +95,7 @@ def cases(device: str, quick: bool) -> Iterator[Case]:
             k1, k2 = max(1, d // 100), max(1, d * 5 // 100)
             providers = {
                 EAGER: lambda: adascale_eager(z, zt, k1, k2),
-                COMPILE: (lambda f: lambda: f(z, zt))(torch.compile(lambda a, b: adascale_eager(a, b, k1, k2), dynamic=False)),
+                COMPILE: compiled(lambda: adascale_eager(z, zt, k1, k2)),
             }
             for b in our_backends(device):
                 providers[f"actshift-{b}"] = lambda b=b: actshift.adascale_stats(z, zt, k1, k2, backend=b)

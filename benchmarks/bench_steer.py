@@ -17,9 +17,8 @@ from collections.abc import Iterator
 import torch
 
 import actshift
-from actshift import backends
 
-from .harness import COMPILE, COPY, EAGER, Case
+from .harness import COMPILE, COPY, EAGER, Case, compiled, dtypes, our_backends
 
 NUM_PLANS = 4
 
@@ -28,19 +27,6 @@ def shapes(quick: bool) -> list[tuple[int, int]]:
     rows = (1, 256, 4096) if quick else (1, 8, 64, 256, 4096)
     dims = (4096,) if quick else (4096, 8192)
     return [(r, d) for d in dims for r in rows]
-
-
-def dtypes(device: str) -> list[torch.dtype]:
-    return [torch.float32] if device == "cpu" else [torch.float16, torch.bfloat16]
-
-
-def our_backends(device: str) -> list[str]:
-    dev = torch.device(device)
-    return [b for b in ("cpu", "cuda", "triton") if not backends.unavailable_reason(b, dev)]
-
-
-def _compiled(fn):
-    return torch.compile(fn, dynamic=False)
 
 
 def cases(device: str, quick: bool) -> Iterator[Case]:
@@ -64,7 +50,7 @@ def cases(device: str, quick: bool) -> Iterator[Case]:
             def add_eager(x=x, v=combined[0]):
                 return x + v
 
-            providers = {EAGER: add_eager, COMPILE: _compiled(add_eager), COPY: lambda: out.copy_(x)}
+            providers = {EAGER: add_eager, COMPILE: compiled(add_eager), COPY: lambda: out.copy_(x)}
             for b in our_backends(device):
                 providers[f"actshift-{b}"] = lambda b=b: actshift.steer(x, plans[0], backend=b)
             yield Case("steer", "add", shape, dtype, providers, bytes_actshift=2 * act, bytes_eager=2 * act)
@@ -76,7 +62,7 @@ def cases(device: str, quick: bool) -> Iterator[Case]:
             def slot_eager():
                 return x + gated_delta()
 
-            providers = {EAGER: slot_eager, COMPILE: _compiled(slot_eager), COPY: lambda: out.copy_(x)}
+            providers = {EAGER: slot_eager, COMPILE: compiled(slot_eager), COPY: lambda: out.copy_(x)}
             for b in our_backends(device):
                 providers[f"actshift-{b}"] = lambda b=b: actshift.steer(x, bank, slot=slot, gate=gate, backend=b)
             yield Case("steer", "add+gate+slot", shape, dtype, providers, bytes_actshift=2 * act, bytes_eager=6 * act)
@@ -85,7 +71,7 @@ def cases(device: str, quick: bool) -> Iterator[Case]:
             def inplace_eager():
                 return x.add_(gated_delta())
 
-            providers = {EAGER: inplace_eager, COMPILE: _compiled(inplace_eager), COPY: lambda: out.copy_(x)}
+            providers = {EAGER: inplace_eager, COMPILE: compiled(inplace_eager), COPY: lambda: out.copy_(x)}
             for b in our_backends(device):
                 providers[f"actshift-{b}"] = lambda b=b: actshift.steer(x, bank, slot=slot, gate=gate, out=x, backend=b)
             yield Case("steer", "gate+slot inpl", shape, dtype, providers, bytes_actshift=2 * act, bytes_eager=6 * act)

@@ -45,6 +45,24 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
+def dtypes(device: str) -> list[torch.dtype]:
+    """fp32 on CPU; the half types on GPU, where models run them."""
+    return [torch.float32] if device == "cpu" else [torch.float16, torch.bfloat16]
+
+
+def our_backends(device: str) -> list[str]:
+    """The actshift backends (beside the reference) that run on `device` here."""
+    from actshift import backends
+
+    dev = torch.device(device)
+    return [b for b in ("cpu", "cuda", "triton") if not backends.unavailable_reason(b, dev)]
+
+
+def compiled(fn: Callable[[], object]) -> Callable[[], object]:
+    """torch.compile of a provider (static shapes: each case is one shape)."""
+    return torch.compile(fn, dynamic=False)
+
+
 def _quantiles(samples: list[float]) -> tuple[float, float, float]:
     s = sorted(samples)
 

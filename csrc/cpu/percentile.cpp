@@ -61,8 +61,7 @@ float stage(const T* z, int64_t d, bool has_clip, float c, Scratch& s, bool& fin
   int64_t i = 0;
   for (; i + kLanes <= d; i += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
-      const float x = cpu::load(z, i + l);
-      const float v = x > c ? c : x;
+      const float v = clip(cpu::load(z, i + l), true, c);
       bad |= !is_finite(v);
       part[l] += v;
       s.row[i + l] = v;
@@ -70,8 +69,7 @@ float stage(const T* z, int64_t d, bool has_clip, float c, Scratch& s, bool& fin
     }
   }
   for (; i < d; ++i) {
-    const float x = cpu::load(z, i);
-    const float v = x > c ? c : x;
+    const float v = clip(cpu::load(z, i), true, c);
     bad |= !is_finite(v);
     part[0] += v;
     s.row[i] = v;

@@ -72,8 +72,6 @@ ACTSHIFT_HD int pick_bin(const int* hist, int nbins, int& k) {
   return 0;  // unreachable when k <= the number of candidates
 }
 
-ACTSHIFT_HD int pick_bin(const int* hist, int& k) { return pick_bin(hist, kRadixBins, k); }
-
 // The top-k sum from the pieces the kernels gather: exact whatever the ties.
 ACTSHIFT_HD float topk_sum(float s_gt, int64_t c_gt, int64_t k, float tau) {
   return s_gt + static_cast<float>(k - c_gt) * tau;
