@@ -1,4 +1,5 @@
-"""Activation steering: plans, banks, and (later) recipes built on the fused `steer` op."""
+"""Activation steering: plans, banks, activation extraction, recipes and file formats."""
+from .extract import extract_activations
 from .plan import SteeringBank, SteeringPlan
 
-__all__ = ["SteeringPlan", "SteeringBank"]
+__all__ = ["SteeringPlan", "SteeringBank", "extract_activations"]

@@ -1,0 +1,256 @@
+"""Activation extraction: per-layer hidden states of a transformers model, pooled per input.
+
+Hooks read the chosen site of each requested decoder layer during ordinary batched forwards; the
+forward stops right after the deepest requested layer, so reading early layers costs only those.
+Padding is respected: pooling ignores pad tokens, and position ids are derived from the attention
+mask, so a left-padded input gives the same activations as the same input alone.
+"""
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+
+SITES = ("block_output", "block_input", "attention_output", "mlp_output")
+POOLINGS = ("last", "mean", None)
+
+# Where the decoder layers live (attribute paths tried in order), and the attention / MLP child of a
+# layer. Small on purpose: the patch layer (actshift.patch) owns the full per-architecture table.
+_LAYER_PATHS = (
+    "model.layers", "model.language_model.layers", "language_model.model.layers", "layers",
+    "transformer.h", "gpt_neox.layers", "model.decoder.layers", "bert.encoder.layer", "encoder.layer",
+)
+_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn")
+
+
+def _get_path(obj, path: str):
+    for name in path.split("."):
+        obj = getattr(obj, name, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's list of decoder (or encoder) blocks; ValueError naming the model if not found."""
+    for path in _LAYER_PATHS:
+        layers = _get_path(model, path)
+        if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
+            return layers
+    raise ValueError(f"model: cannot find the decoder layers of {type(model).__name__} (tried {', '.join(_LAYER_PATHS)})")
+
+
+def hidden_size(model: torch.nn.Module) -> int:
+    """The residual-stream width from the model's config."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    for name in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError(f"model: cannot read the hidden size from the config of {type(model).__name__}")
+
+
+def check_layers(layers, num_layers: int, name: str = "layers") -> list[int]:
+    """Normalizes an int or a sequence of ints (negative counts from the end) to sorted unique indices."""
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    if not isinstance(layers, Iterable) or isinstance(layers, (str, bytes)):
+        raise TypeError(f"{name} must be an int or a sequence of ints, got {type(layers).__name__}")
+    out = []
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"{name} must hold ints, got {layer!r}")
+        if not -num_layers <= layer < num_layers:
+            raise ValueError(f"{name}: layer {layer} is out of range for a model with {num_layers} layers")
+        out.append(layer % num_layers)
+    if not out:
+        raise ValueError(f"{name} must name at least one layer")
+    return sorted(set(out))
+
+
+def _site_module(layer: torch.nn.Module, site: str, index: int) -> torch.nn.Module:
+    if site in ("block_output", "block_input"):
+        return layer
+    names = _ATTN_NAMES if site == "attention_output" else _MLP_NAMES
+    for name in names:
+        child = getattr(layer, name, None)
+        if isinstance(child, torch.nn.Module):
+            return child
+    raise ValueError(f"site: layer {index} ({type(layer).__name__}) has no {site} submodule (tried {', '.join(names)})")
+
+
+def _first_tensor(value) -> torch.Tensor:
+    """Blocks return a tensor or a tuple whose first element is the hidden states."""
+    return value[0] if isinstance(value, (tuple, list)) else value
+
+
+class _Stop(Exception):
+    """Raised by the deepest hook: nothing after it is needed."""
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    """tqdm where installed, else a one-line counter on stderr; a no-op when disabled."""
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _SimpleBar(total, desc)
+    return tqdm(total=total, desc=desc, unit="input")
+
+
+class _SimpleBar:
+    def __init__(self, total: int, desc: str):
+        self.total, self.n, self.desc = total, 0, desc
+
+    def update(self, k: int) -> None:
+        self.n += k
+        print(f"\r{self.desc}: {self.n}/{self.total}", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        print(file=sys.stderr, flush=True)
+
+
+def _batches(inputs, tokenizer, batch_size: int):
+    """Yields (input_ids [b, T], attention_mask [b, T]) batches from strings or token tensors."""
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if isinstance(inputs, torch.Tensor):
+        inputs = {"input_ids": inputs}
+    if isinstance(inputs, Mapping):
+        ids = inputs.get("input_ids")
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            raise ValueError("inputs['input_ids'] must be a [n, seq] integer tensor")
+        mask = inputs.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask)
+        if mask.shape != ids.shape:
+            raise ValueError(f"inputs['attention_mask'] must match input_ids {tuple(ids.shape)}, got {tuple(mask.shape)}")
+        if ids.shape[0] == 0:
+            raise ValueError("inputs must hold at least one input")
+        if bool((mask.sum(1) == 0).any()):
+            raise ValueError("inputs['attention_mask'] has a row with no tokens")
+        for start in range(0, ids.shape[0], batch_size):
+            yield ids[start:start + batch_size], mask[start:start + batch_size]
+        return
+    if not isinstance(inputs, Sequence) or not all(isinstance(s, str) for s in inputs):
+        raise TypeError("inputs must be strings, a [n, seq] token tensor or a dict with input_ids/attention_mask")
+    if not inputs:
+        raise ValueError("inputs must hold at least one input")
+    if tokenizer is None:
+        raise ValueError("tokenizer is required when inputs are strings")
+    if len(inputs) > batch_size and getattr(tokenizer, "pad_token", None) is None:
+        raise ValueError("tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos_token) to batch strings")
+    for start in range(0, len(inputs), batch_size):
+        chunk = list(inputs[start:start + batch_size])
+        enc = tokenizer(chunk, return_tensors="pt", padding=len(chunk) > 1)
+        yield enc["input_ids"], enc.get("attention_mask", torch.ones_like(enc["input_ids"]))
+
+
+def _pool(h: torch.Tensor, mask: torch.Tensor, pooling) -> torch.Tensor:
+    h = h.float()
+    m = mask.to(h.device, torch.bool)
+    if pooling == "last":  # the last non-pad position, whichever side the padding is on
+        pos = torch.arange(m.shape[1], device=h.device)
+        last = torch.where(m, pos, -1).amax(1)
+        return h[torch.arange(h.shape[0], device=h.device), last]
+    if pooling == "mean":
+        w = m.to(h.dtype)[..., None]
+        return (h * w).sum(1) / w.sum(1)
+    return h[m]  # every non-pad token, input-major
+
+
+def extract_activations(
+    model: torch.nn.Module,
+    inputs,
+    layers,
+    *,
+    tokenizer=None,
+    site: str = "block_output",
+    pooling: str | None = "last",
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[int, torch.Tensor]:
+    """Runs `model` on `inputs` and returns each requested layer's activations, fp32 on CPU.
+
+    Args:
+        model: a transformers model (decoder layers found under model.layers, transformer.h, ...).
+        inputs: strings (with `tokenizer`), a [n, seq] token-id tensor, or a dict with `input_ids`
+            and `attention_mask` (left or right padding).
+        layers: a layer index or indices (0-based decoder blocks; negative counts from the end).
+        site: "block_output" (the residual stream after the block, = hidden_states[layer + 1] of
+            output_hidden_states for all but the last layer, whose hidden_states entry is normed),
+            "block_input", "attention_output" or "mlp_output".
+        pooling: "last" (the last non-pad token), "mean" (mean over non-pad tokens), or None
+            (every non-pad token, concatenated input by input: [total_tokens, d]).
+        batch_size: inputs per forward pass.
+        progress: show a progress bar (tqdm when installed).
+
+    Returns:
+        {layer: tensor [n, d]} (or [total_tokens, d] for pooling=None), keyed by the non-negative
+        layer index.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if site not in SITES:
+        raise ValueError(f"site must be one of {', '.join(SITES)}; got {site!r}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be 'last', 'mean' or None; got {pooling!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    blocks = decoder_layers(model)
+    layers = check_layers(layers, len(blocks))
+    batches = list(_batches(inputs, tokenizer, batch_size))
+    total = sum(ids.shape[0] for ids, _ in batches)
+    takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+
+    captured: dict[int, torch.Tensor] = {}
+    deepest = layers[-1]
+
+    def make_hook(index: int, pre: bool):
+        def hook(module, args, kwargs, output=None):
+            if pre:
+                h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            else:
+                h = _first_tensor(output)
+            captured[index] = h.detach()
+            if index == deepest:
+                raise _Stop
+        return hook
+
+    handles = []
+    out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    bar = _progress(total, progress, "extracting")
+    try:
+        for layer in layers:
+            module = _site_module(blocks[layer], site, layer)
+            pre = site == "block_input"
+            if pre:
+                handles.append(module.register_forward_pre_hook(make_hook(layer, True), with_kwargs=True))
+            else:
+                handles.append(module.register_forward_hook(
+                    lambda m, a, k, o, f=make_hook(layer, False): f(m, a, k, o), with_kwargs=True))
+        device = next(model.parameters()).device
+        for ids, mask in batches:
+            kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
+            if takes_positions:  # positions count real tokens only, so left padding changes nothing
+                kwargs["position_ids"] = (mask.long().cumsum(1) - 1).clamp(min=0).to(device)
+            captured.clear()
+            with torch.inference_mode():
+                try:
+                    model(**kwargs)
+                except _Stop:
+                    pass
+            for layer in layers:
+                out[layer].append(_pool(captured[layer], mask, pooling).cpu())
+            if bar is not None:
+                bar.update(ids.shape[0])
+    finally:
+        for h in handles:
+            h.remove()
+        if bar is not None:
+            bar.close()
+    return {layer: torch.cat(chunks) for layer, chunks in out.items()}
