@@ -1,0 +1,240 @@
+"""Steering files: safetensors with metadata for vectors and plans, and llama.cpp GGUF control vectors.
+
+Layer numbering. Our layer i is the i-th decoder block of the transformers model (0-based), and a
+vector for it acts on that block's output (site "block_output"). llama.cpp names its tensors
+"direction.<il>" and adds direction.<il> to the output of its 0-based block il
+(`llama_adapter_cvec::apply_to(ctx, cur, il)` at the end of each layer); it rejects il = 0 and
+stores layer il at offset (il - 1)·n_embd, so block 0 can never be steered there. The mapping is
+therefore the identity, i ↔ direction.i, and exporting a vector for layer 0 is an error. This is
+also repeng's convention (its layer i is model.layers[i]'s output).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+
+import torch
+
+from .plan import SteeringPlan
+
+FORMAT_KEY = "actshift.format"  # "vectors" or "plans"
+GGUF_ARCH = "controlvector"
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _model_meta(model) -> dict[str, str]:
+    if model is None:
+        return {}
+    from .extract import decoder_layers, hidden_size
+
+    config = getattr(model, "config", None)
+    return {"model_type": str(getattr(config, "model_type", type(model).__name__)),
+            "hidden_size": str(hidden_size(model)), "num_layers": str(len(decoder_layers(model)))}
+
+
+def _check_layer_keys(data: Mapping, name: str) -> list[int]:
+    if not data:
+        raise ValueError(f"{name} must hold at least one layer")
+    for layer in data:
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            raise ValueError(f"{name}: layer keys must be non-negative ints, got {layer!r}")
+    return sorted(data)
+
+
+def _as_vector(value, name: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor")
+    if value.dim() not in (1, 2) or value.shape[-1] == 0:
+        raise ValueError(f"{name} must be [d] or [m, d], got shape {tuple(value.shape)}")
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+    return value.detach().to("cpu", torch.float32).contiguous()
+
+
+def _plan_fields(plan: SteeringPlan, prefix: str, tensors: dict) -> dict:
+    """The plan's constructor fields: tensors go to `tensors` under `prefix.<field>`, the rest to JSON."""
+    fields = {}
+    for f in dataclasses.fields(plan):
+        if not f.init:
+            continue
+        value = getattr(plan, f.name)
+        if isinstance(value, torch.Tensor):
+            key = f"{prefix}.{f.name}"
+            tensors[key] = value.detach().to("cpu", torch.float32).contiguous()
+            fields[f.name] = {"tensor": key}
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            fields[f.name] = {"value": value}
+        else:
+            raise TypeError(f"plan field {f.name} of type {type(value).__name__} cannot be saved")
+    return fields
+
+
+def save(path: str | os.PathLike, data, *, model=None, method: str | None = None,
+         metadata: Mapping[str, str] | None = None) -> None:
+    """Writes per-layer vectors or plans to a safetensors file with metadata.
+
+    Args:
+        path: the file to write.
+        data: {layer: tensor [d] or [m, d]} (raw vectors), {layer: SteeringPlan}, or one SteeringPlan.
+        model: the transformers model they belong to; records model_type, hidden_size, num_layers.
+        method: how they were made ("caa", "pca", "actadd", ...), recorded as-is.
+        metadata: extra string key/values.
+
+    Metadata always holds actshift.format, actshift.version, hidden_size and layers (JSON list).
+    """
+    from safetensors.torch import save_file
+
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    meta.update(_model_meta(model))
+    tensors: dict[str, torch.Tensor] = {}
+    if isinstance(data, SteeringPlan):
+        meta[FORMAT_KEY] = "plan"
+        meta["plan_fields"] = json.dumps(_plan_fields(data, "plan", tensors))
+        layers: list[int] = []
+        d = data.hidden_size
+    elif isinstance(data, Mapping):
+        layers = _check_layer_keys(data, "data")
+        if all(isinstance(v, SteeringPlan) for v in data.values()):
+            meta[FORMAT_KEY] = "plans"
+            meta["plan_fields"] = json.dumps({str(layer): _plan_fields(data[layer], f"plan.{layer}", tensors)
+                                              for layer in layers})
+            sizes = {data[layer].hidden_size for layer in layers}
+        else:
+            meta[FORMAT_KEY] = "vectors"
+            for layer in layers:
+                tensors[f"layer.{layer}"] = _as_vector(data[layer], f"data[{layer}]")
+            sizes = {t.shape[-1] for t in tensors.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"data: every layer must have the same hidden size, got {sorted(sizes)}")
+        d = sizes.pop()
+    else:
+        raise TypeError(f"data must be a SteeringPlan or a dict {{layer: tensor | SteeringPlan}}, got {type(data).__name__}")
+    if "hidden_size" in meta and int(meta["hidden_size"]) != d:
+        raise ValueError(f"data has hidden size {d} but the model has {meta['hidden_size']}")
+    meta.update({"actshift.version": _version(), "hidden_size": str(d), "layers": json.dumps(layers)})
+    if method is not None:
+        meta["method"] = str(method)
+    save_file(tensors, os.fspath(path), metadata=meta)
+
+
+def _build_plan(fields: dict, tensors: Mapping[str, torch.Tensor]) -> SteeringPlan:
+    kwargs = {name: tensors[spec["tensor"]] if "tensor" in spec else spec["value"] for name, spec in fields.items()}
+    return SteeringPlan(**kwargs)
+
+
+def load(path: str | os.PathLike, *, model=None):
+    """Reads a file written by `save`: returns (data, metadata).
+
+    `data` has the shape that was saved: {layer: tensor} (fp32, CPU), {layer: SteeringPlan} or one
+    SteeringPlan. With `model`, the file's hidden size and layers are checked against it.
+    """
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    kind = meta.get(FORMAT_KEY)
+    if kind == "vectors":
+        data = {int(key.split(".", 1)[1]): t for key, t in tensors.items()}
+    elif kind == "plans":
+        data = {int(layer): _build_plan(fields, tensors) for layer, fields in json.loads(meta["plan_fields"]).items()}
+    elif kind == "plan":
+        data = _build_plan(json.loads(meta["plan_fields"]), tensors)
+    else:
+        raise ValueError(f"path: {os.fspath(path)} is not an actshift steering file (no {FORMAT_KEY} metadata)")
+    if model is not None:
+        _check_against_model(model, int(meta["hidden_size"]), data if isinstance(data, dict) else {})
+    return data, meta
+
+
+def _check_against_model(model, d: int, data: Mapping[int, object]) -> None:
+    from .extract import decoder_layers, hidden_size
+
+    if hidden_size(model) != d:
+        raise ValueError(f"model has hidden size {hidden_size(model)} but the vectors have {d}")
+    n = len(decoder_layers(model))
+    bad = [layer for layer in data if layer >= n]
+    if bad:
+        raise ValueError(f"model has {n} layers; the file holds layer(s) {bad}")
+
+
+def export_gguf(path: str | os.PathLike, vectors: Mapping[int, torch.Tensor], *, model=None,
+                model_hint: str | None = None) -> None:
+    """Writes llama.cpp control vectors: {layer: tensor [d]} -> GGUF "direction.<layer>" (fp32).
+
+    The file has general.architecture = "controlvector", controlvector.model_hint (the model type,
+    e.g. "llama": from `model` or `model_hint`) and controlvector.layer_count (the number of
+    vectors), as repeng writes them. Layers use our 0-based block indices, which are llama.cpp's
+    (see the module docstring); layer 0 cannot be expressed there and raises ValueError. Scale the
+    vectors first if they should carry a strength (llama.cpp's --control-vector-scaled also can).
+    """
+    import gguf
+
+    layers = _check_layer_keys(vectors, "vectors")
+    if layers[0] == 0:
+        raise ValueError("vectors: llama.cpp control vectors cannot steer layer 0 (direction.0 is rejected)")
+    arrays = {}
+    for layer in layers:
+        v = _as_vector(vectors[layer], f"vectors[{layer}]")
+        if v.dim() != 1:
+            raise ValueError(f"vectors[{layer}] must be one vector [d], got shape {tuple(v.shape)}")
+        arrays[layer] = v.numpy()
+    sizes = {a.shape[0] for a in arrays.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"vectors: every layer must have the same hidden size, got {sorted(sizes)}")
+    if model is not None:
+        _check_against_model(model, sizes.pop(), vectors)
+        model_hint = model_hint or str(getattr(model.config, "model_type", ""))
+    if not model_hint:
+        raise ValueError("model_hint is required (or pass model): llama.cpp records the model type")
+    writer = gguf.GGUFWriter(os.fspath(path), GGUF_ARCH)
+    writer.add_string(f"{GGUF_ARCH}.model_hint", model_hint)
+    writer.add_uint32(f"{GGUF_ARCH}.layer_count", len(arrays))
+    for layer, a in arrays.items():
+        writer.add_tensor(f"direction.{layer}", a)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def import_gguf(path: str | os.PathLike, *, model=None) -> tuple[dict[int, torch.Tensor], dict]:
+    """Reads a llama.cpp / repeng control-vector GGUF: returns ({layer: tensor [d] fp32}, metadata).
+
+    Checks what llama.cpp's loader checks (tensor names direction.<il> with il >= 1, fp32, 1-D, one
+    hidden size) and, with `model`, the hidden size and layer range.
+    """
+    import gguf
+
+    reader = gguf.GGUFReader(os.fspath(path))
+    meta = {}
+    for key, field in reader.fields.items():
+        if not key.startswith("GGUF."):
+            meta[key] = field.contents()
+    if meta.get("general.architecture") != GGUF_ARCH:
+        raise ValueError(f"path: general.architecture is {meta.get('general.architecture')!r}, not {GGUF_ARCH!r}")
+    vectors: dict[int, torch.Tensor] = {}
+    for t in reader.tensors:
+        prefix, _, index = t.name.partition(".")
+        if prefix != "direction" or not index.isdigit() or int(index) == 0:
+            raise ValueError(f"path: tensor {t.name!r} is not direction.<layer> with layer >= 1")
+        if t.tensor_type != gguf.GGMLQuantizationType.F32 or len(t.shape) != 1:
+            raise ValueError(f"path: tensor {t.name} must be 1-D fp32")
+        vectors[int(index)] = torch.from_numpy(t.data.copy()).float()
+    sizes = {v.shape[0] for v in vectors.values()}
+    if len(sizes) > 1:
+        raise ValueError(f"path: direction tensors have different sizes {sorted(sizes)}")
+    if not vectors:
+        raise ValueError("path: no direction tensors found")
+    if not all(bool(torch.isfinite(v).all()) for v in vectors.values()):
+        raise ValueError("path: direction tensors contain NaN or Inf")
+    if model is not None:
+        _check_against_model(model, sizes.pop(), vectors)
+    return dict(sorted(vectors.items())), meta
