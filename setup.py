@@ -32,6 +32,7 @@ PACKAGES = [
     "actshift.ops",
     "actshift.steering",
     "actshift.ood",
+    "actshift.integrations",
 ]
 
 

@@ -14,6 +14,10 @@ from .info import info
 from .ops import adascale_stats, apply_steer, energy, percentile_scale, scale_ratio, steer
 from .steering import SteeringBank, SteeringPlan
 
+# --- model patching (integrations/transformers.py) ---
+from .integrations.transformers import PatchHandle, SteeringSite, patch, unpatch
+# --- end model patching ---
+
 __all__ = [
     "__version__",
     "steer",
@@ -28,4 +32,9 @@ __all__ = [
     "get_backend",
     "info",
     "BackendUnavailableError",
+    # model patching
+    "patch",
+    "unpatch",
+    "SteeringSite",
+    "PatchHandle",
 ]
