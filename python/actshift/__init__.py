@@ -18,6 +18,11 @@ from .steering import SteeringBank, SteeringPlan
 from .integrations.transformers import PatchHandle, SteeringSite, patch, unpatch
 # --- end model patching ---
 
+# --- steering recipes and files (steering/extract.py, recipes.py, formats.py) ---
+from .steering import extract_activations
+from .steering import recipes
+# --- end steering recipes ---
+
 __all__ = [
     "__version__",
     "steer",
@@ -37,4 +42,7 @@ __all__ = [
     "unpatch",
     "SteeringSite",
     "PatchHandle",
+    # steering recipes and files
+    "extract_activations",
+    "recipes",
 ]
