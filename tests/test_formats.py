@@ -116,3 +116,21 @@ def test_gguf_bad_inputs(tmp_path):
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     with pytest.raises(ValueError, match="architecture"):
         import_gguf(path)
+
+
+@pytest.mark.skipif(not hasattr(actshift.SteeringPlan, "ablate"), reason="needs the full steer program merged")
+def test_full_program_plan_round_trip(tmp_path):
+    d = 16
+    u = torch.nn.functional.normalize(torch.randn(d), dim=0)
+    plan = (actshift.SteeringPlan(add=torch.randn(2, d), weights=[1.0, -0.5], strength=1.5, renorm=True)
+            .ablate(u, targets=[0.3]).affine(torch.rand(d) + 0.5, torch.randn(d))
+            .neurons([1, 4], mul=[0.0, 2.0], add=[1.0, 0.0]).condition(torch.randn(d), 0.1, "projection", "<")
+            .monitor(torch.randn(3, d)))
+    save(tmp_path / "full.safetensors", {2: plan})
+    back = load(tmp_path / "full.safetensors")[0][2]
+    x = torch.randn(6, d)
+    y0, m0 = actshift.steer(x, plan, return_monitors=True, backend="reference")
+    y1, m1 = actshift.steer(x, back, return_monitors=True, backend="reference")
+    torch.testing.assert_close(y1, y0)
+    torch.testing.assert_close(m1, m0)
+    assert back.condition_kind == "projection" and back.condition_compare == "<" and back.renorm

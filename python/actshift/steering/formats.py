@@ -10,7 +10,6 @@ also repeng's convention (its layer i is model.layers[i]'s output).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -59,20 +58,20 @@ def _as_vector(value, name: str) -> torch.Tensor:
 
 
 def _plan_fields(plan: SteeringPlan, prefix: str, tensors: dict) -> dict:
-    """The plan's constructor fields: tensors go to `tensors` under `prefix.<field>`, the rest to JSON."""
+    """The plan's public state: tensors go to `tensors` under `prefix.<name>`, the rest to JSON."""
     fields = {}
-    for f in dataclasses.fields(plan):
-        if not f.init:
+    for name, value in vars(plan).items():
+        if name.startswith("_"):
             continue
-        value = getattr(plan, f.name)
         if isinstance(value, torch.Tensor):
-            key = f"{prefix}.{f.name}"
-            tensors[key] = value.detach().to("cpu", torch.float32).contiguous()
-            fields[f.name] = {"tensor": key}
+            key = f"{prefix}.{name}"
+            t = value.detach().cpu()
+            tensors[key] = (t.float() if t.is_floating_point() else t).contiguous()
+            fields[name] = {"tensor": key}
         elif value is None or isinstance(value, (bool, int, float, str)):
-            fields[f.name] = {"value": value}
+            fields[name] = {"value": value}
         else:
-            raise TypeError(f"plan field {f.name} of type {type(value).__name__} cannot be saved")
+            raise TypeError(f"plan attribute {name} of type {type(value).__name__} cannot be saved")
     return fields
 
 
@@ -125,8 +124,24 @@ def save(path: str | os.PathLike, data, *, model=None, method: str | None = None
 
 
 def _build_plan(fields: dict, tensors: Mapping[str, torch.Tensor]) -> SteeringPlan:
-    kwargs = {name: tensors[spec["tensor"]] if "tensor" in spec else spec["value"] for name, spec in fields.items()}
-    return SteeringPlan(**kwargs)
+    """Rebuilds a plan through its public constructor and builders, so loading validates it again."""
+    st = {name: tensors[spec["tensor"]] if "tensor" in spec else spec["value"] for name, spec in fields.items()}
+    if "add" in st:  # the additive-only plan model (add, weights, strength)
+        return SteeringPlan(add=st["add"], weights=st.get("weights"), strength=st["strength"])
+    plan = SteeringPlan(add=st.get("vectors"), weights=st.get("weights"), strength=st["strength"],
+                        renorm=st.get("renorm", False))
+    if st.get("directions") is not None:
+        plan = plan.ablate(st["directions"], st["targets"])
+    if st.get("scale") is not None:
+        plan = plan.affine(st["scale"], st["bias"])
+    if st.get("neuron_idx") is not None:
+        plan = plan.neurons(st["neuron_idx"], st["neuron_mul"], st["neuron_add"])
+    if st.get("condition_vector") is not None:
+        plan = plan.condition(st["condition_vector"], st["condition_threshold"], st["condition_kind"],
+                              st["condition_compare"])
+    if st.get("monitors") is not None:
+        plan = plan.monitor(st["monitors"])
+    return plan
 
 
 def load(path: str | os.PathLike, *, model=None):
