@@ -87,3 +87,27 @@ def test_bad_inputs_name_the_argument():
         extract_activations(model, TEXTS, "0", tokenizer=tok, progress=False)
     with pytest.raises(ValueError, match="model"):
         extract_activations(torch.nn.Linear(2, 2), TEXTS, [0], tokenizer=tok, progress=False)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(lengths=st.lists(st.integers(1, 9), min_size=1, max_size=6), left=st.booleans(), d=st.integers(1, 17))
+def test_property_pooling_ignores_padding_on_either_side(lengths, left, d):
+    """Pooled padded batches equal the same rows pooled alone, for any lengths and padding side."""
+    from actshift.steering.extract import _pool
+
+    T = max(lengths)
+    h = torch.randn(len(lengths), T, d)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        if left:
+            mask[b, T - n:] = 1
+        else:
+            mask[b, :n] = 1
+    rows = [h[b][mask[b].bool()] for b in range(len(lengths))]
+    torch.testing.assert_close(_pool(h, mask, "last"), torch.stack([r[-1] for r in rows]))
+    torch.testing.assert_close(_pool(h, mask, "mean"), torch.stack([r.mean(0) for r in rows]))
+    torch.testing.assert_close(_pool(h, mask, None), torch.cat(rows))

@@ -330,3 +330,41 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match=r"condition\[0\] has hidden size 8"):
         recipes.ConditionalSteering(model, {1: SteeringPlan(add=torch.randn(32))}, {0: torch.randn(8)}, 0.0)
     assert get_handle(model) is None
+
+
+# --- properties over odd shapes -----------------------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(2, 40), d=st.integers(1, 70), seed=st.integers(0, 2**16))
+def test_property_pca_is_a_signed_unit_axis_of_the_differences(n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    pos, neg = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    u = recipes.pca_direction(pos, neg, center=False)
+    assert abs(float(u.norm()) - 1) < 1e-5
+    assert float(((pos @ u) > (neg @ u)).double().mean()) >= 0.5
+    diff = (pos - neg).double()
+    # the top right singular vector maximizes ‖diff·u‖ over unit vectors: no random unit vector beats it
+    r = torch.nn.functional.normalize(torch.randn(d, dtype=torch.float64, generator=g), dim=0)
+    assert float((diff @ u.double()).norm()) >= float((diff @ r).norm()) - 1e-6
+
+
+@settings(max_examples=30, deadline=None)
+@given(ns=st.integers(2, 60), nt=st.integers(2, 60), d=st.integers(1, 33), seed=st.integers(0, 2**16),
+       method=st.sampled_from(["quantile", "meanstd"]))
+def test_property_affine_map_moves_the_source_mean_to_the_target_mean(ns, nt, d, seed, method):
+    g = torch.Generator().manual_seed(seed)
+    source = torch.randn(ns, d, generator=g) * 2 + 1
+    target = torch.randn(nt, d, generator=g).exp()
+    scale, bias = recipes.fit_affine(source, target, method)
+    assert scale.shape == bias.shape == (d,)
+    if method == "meanstd":  # mapped source has exactly the target's mean and std per dimension
+        mapped = source.double() * scale.double() + bias.double()
+        torch.testing.assert_close(mapped.mean(0), target.double().mean(0), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(mapped.std(0, unbiased=False), target.double().std(0, unbiased=False),
+                                   rtol=1e-4, atol=1e-4)
+    else:  # quantile: monotone (non-negative slope), since both quantile sequences are sorted
+        assert bool((scale >= 0).all())
