@@ -9,6 +9,10 @@ bank stays in cache and is not counted):
                      rows' vectors, scales them by gate and mask, and adds: 6 passes vs our 2.
   ... inplace        the same, writing into x (out=x), as a residual-stream hook does; compared
                      with eager `x.add_(...)` and with `out.copy_(x)`, the bandwidth floor.
+  program            the full program of one plan: 2 monitors, a cosine condition, 1 ablation
+                     direction, 2 add vectors (rows = 1, 8, 256, 4096 at d = 4096). The eager hook
+                     is the composition of separate torch ops (18 passes over [rows, d]: 4 read-outs,
+                     ablate, add, mix); ours reads x once and writes y once.
 """
 from __future__ import annotations
 
@@ -17,10 +21,13 @@ from collections.abc import Iterator
 import torch
 
 import actshift
+from actshift.steering.plan import as_bank
 
 from .harness import COMPILE, COPY, EAGER, Case, compiled, dtypes, our_backends
 
 NUM_PLANS = 4
+PROGRAM_ROWS = (1, 8, 256, 4096)
+PROGRAM_D = 4096
 
 
 def shapes(quick: bool) -> list[tuple[int, int]]:
@@ -75,3 +82,39 @@ def cases(device: str, quick: bool) -> Iterator[Case]:
             for b in our_backends(device):
                 providers[f"actshift-{b}"] = lambda b=b: actshift.steer(x, bank, slot=slot, gate=gate, out=x, backend=b)
             yield Case("steer", "gate+slot inpl", shape, dtype, providers, bytes_actshift=2 * act, bytes_eager=6 * act)
+    yield from program_cases(device)
+
+
+def program_cases(device: str) -> Iterator[Case]:
+    """The full program (see the module docstring) against its eager hook composition."""
+    gen = torch.Generator().manual_seed(1)
+    d = PROGRAM_D
+    for dtype in dtypes(device):
+        es = torch.tensor([], dtype=dtype).element_size()
+        u = torch.randn(d, generator=gen)
+        u /= u.norm()
+        c = torch.randn(d, generator=gen)
+        vecs, M = 0.01 * torch.randn(2, d, generator=gen), torch.randn(2, d, generator=gen)
+        plan = (actshift.SteeringPlan(add=vecs, weights=[1.0, -0.5], strength=2.0)
+                .ablate(u).condition(c, threshold=0.0).monitor(M))
+        # What a hook author precomputes, in the model's dtype.
+        ud, cd, Md = (t.to(device=device, dtype=dtype) for t in (u, c / c.norm(), M))
+        vsum = (vecs[0] - 0.5 * vecs[1]).to(device=device, dtype=dtype)
+        as_bank(plan).program(torch.device(device))  # build the device copy outside the timed region
+        for rows in PROGRAM_ROWS:
+            x = torch.randn(rows, d, generator=gen).to(device=device, dtype=dtype)
+            out = torch.empty_like(x)
+            act = rows * d * es
+
+            def program_eager(x=x):
+                mon = x @ Md.t()
+                gate = ((x @ cd) / x.norm(dim=-1) > 0).to(x.dtype)
+                z = x - (x @ ud)[:, None] * ud
+                z = z + vsum
+                return x + (2.0 * gate)[:, None] * (z - x), mon
+
+            providers = {EAGER: program_eager, COMPILE: compiled(program_eager), COPY: lambda out=out, x=x: out.copy_(x)}
+            for b in our_backends(device):
+                providers[f"actshift-{b}"] = lambda b=b, x=x: actshift.steer(x, plan, return_monitors=True, backend=b)
+            yield Case("steer", "program", f"rows={rows} d={d}", dtype, providers,
+                       bytes_actshift=2 * act, bytes_eager=18 * act)

@@ -16,6 +16,46 @@ void steer_out_cpu(const at::Tensor& x, const at::Tensor& vectors, const at::Ten
                    const at::Tensor& strength, const std::optional<at::Tensor>& gate,
                    const std::optional<at::Tensor>& slot, at::Tensor& out);
 
+// --- steer_program (the full steering program; schema in torch_bindings.cpp) -------------------
+// The per-plan tensors of a bank, in schema order.
+struct SteerProgram {
+  const at::Tensor& meta;
+  const at::Tensor& scalars;
+  const at::Tensor& ablate;
+  const at::Tensor& targets;
+  const at::Tensor& affine;
+  const at::Tensor& vectors;
+  const at::Tensor& weights;
+  const at::Tensor& neuron_idx;
+  const at::Tensor& neuron_val;
+  const at::Tensor& condition;
+  const at::Tensor& monitor;
+};
+std::tuple<at::Tensor, at::Tensor> steer_program_cpu(
+    const at::Tensor& x, const at::Tensor& meta, const at::Tensor& scalars, const at::Tensor& ablate,
+    const at::Tensor& targets, const at::Tensor& affine, const at::Tensor& vectors,
+    const at::Tensor& weights, const at::Tensor& neuron_idx, const at::Tensor& neuron_val,
+    const at::Tensor& condition, const at::Tensor& monitor, const std::optional<at::Tensor>& gate,
+    const std::optional<at::Tensor>& slot, const std::optional<at::Tensor>& row_weights);
+at::Tensor steer_program_out_cpu(
+    const at::Tensor& x, const at::Tensor& meta, const at::Tensor& scalars, const at::Tensor& ablate,
+    const at::Tensor& targets, const at::Tensor& affine, const at::Tensor& vectors,
+    const at::Tensor& weights, const at::Tensor& neuron_idx, const at::Tensor& neuron_val,
+    const at::Tensor& condition, const at::Tensor& monitor, const std::optional<at::Tensor>& gate,
+    const std::optional<at::Tensor>& slot, const std::optional<at::Tensor>& row_weights,
+    at::Tensor& out);
+// Validates shapes, dtypes, devices and contiguity of every steer_program argument (any backend).
+void check_steer_program_args(const at::Tensor& x, const SteerProgram& p,
+                              const std::optional<at::Tensor>& gate,
+                              const std::optional<at::Tensor>& slot,
+                              const std::optional<at::Tensor>& row_weights);
+// Validates the *values* of meta (counts within the padded sizes, known flags, parts present for
+// their flags) and neuron_idx (in [0, d)); reads host memory, so CPU only. GPU kernels clamp instead.
+void check_steer_program_values(const at::Tensor& x, const SteerProgram& p);
+// The monitors output of steer_program: [rows, P] fp32 on x's device.
+at::Tensor steer_program_monitors(const at::Tensor& x, const SteerProgram& p);
+// --- end steer_program
+
 std::tuple<at::Tensor, at::Tensor> percentile_scale_cpu(const at::Tensor& z, const at::Tensor& k,
                                                         int64_t method, std::optional<double> clip);
 std::tuple<at::Tensor, at::Tensor> adascale_stats_cpu(const at::Tensor& z,

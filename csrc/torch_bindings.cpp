@@ -18,6 +18,26 @@ TORCH_LIBRARY(actshift, m) {
   m.def("steer_out(Tensor x, Tensor vectors, Tensor weights, Tensor strength, Tensor? gate, "
         "Tensor? slot, Tensor(a!) out) -> ()");
 
+  // --- steer_program: the full steering program of DESIGN.md in one pass (math and layout:
+  // csrc/include/actshift/steer.h, actshift.reference.steer_program). A bank of S plans, fp32
+  // unless noted, zero-padded to the largest plan:
+  //   meta [S, 5] int32 {flags, k, m, n, p}, scalars [S, 2] {strength, threshold},
+  //   ablate [S, K <= 16, d], targets [S, K], affine [S, 2 or 0, d] {scale, bias},
+  //   vectors [S, M <= 16, d], weights [S, M], neuron_idx [S, N] int32, neuron_val [S, 2, N] {mul, add},
+  //   condition [S, 1 or 0, d], monitor [S, P <= 16, d];
+  //   gate [rows] fp32, slot [rows] int32/int64, row_weights [rows, M] fp32 (all optional).
+  // Returns (y like `steer`, monitors [rows, P] fp32); steer_program_out writes y into `out`
+  // (may be x) and returns the monitors.
+  m.def("steer_program(Tensor x, Tensor meta, Tensor scalars, Tensor ablate, Tensor targets, "
+        "Tensor affine, Tensor vectors, Tensor weights, Tensor neuron_idx, Tensor neuron_val, "
+        "Tensor condition, Tensor monitor, Tensor? gate, Tensor? slot, Tensor? row_weights) "
+        "-> (Tensor, Tensor)");
+  m.def("steer_program_out(Tensor x, Tensor meta, Tensor scalars, Tensor ablate, Tensor targets, "
+        "Tensor affine, Tensor vectors, Tensor weights, Tensor neuron_idx, Tensor neuron_val, "
+        "Tensor condition, Tensor monitor, Tensor? gate, Tensor? slot, Tensor? row_weights, "
+        "Tensor(a!) out) -> Tensor");
+  // --- end steer_program
+
   // Percentile scaling of rows (see csrc/include/actshift/percentile.h for the math):
   //   z [N, D] fp32/fp16/bf16 (contiguous), k [N] int32 kept elements per row (1 <= k <= D),
   //   method 0 ratio, 1 scale, 2 ash_p, 3 ash_b, 4 ash_s, 5 react; clip: optional min(z, clip) first.
@@ -31,6 +51,8 @@ TORCH_LIBRARY(actshift, m) {
 TORCH_LIBRARY_IMPL(actshift, CPU, m) {
   m.impl("steer", &actshift::steer_cpu);
   m.impl("steer_out", &actshift::steer_out_cpu);
+  m.impl("steer_program", &actshift::steer_program_cpu);
+  m.impl("steer_program_out", &actshift::steer_program_out_cpu);
   m.impl("percentile_scale", &actshift::percentile_scale_cpu);
   m.impl("adascale_stats", &actshift::adascale_stats_cpu);
 }

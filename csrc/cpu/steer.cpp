@@ -7,6 +7,11 @@
 // bf16 conversion is integer arithmetic (round to nearest even), which vectorizes in both builds.
 #include <ATen/Parallel.h>
 
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
 #include "actshift/steer.h"
 #include "cpu/convert.h"
 #include "ops.h"
@@ -149,6 +154,217 @@ void check_cpu(const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.device().is_cpu(), "steer: x must be a CPU tensor for the cpu backend");
 }
 
+// --- steer_program ------------------------------------------------------------------------------
+// One row at a time: the row (<= 64 KiB in fp32 for d <= 16384) stays in L1/L2 while the read-outs
+// (dot products with the input) and the program's passes run, then y is written once. Each pass is a
+// plain loop over d that GCC vectorizes; the order of the fp32 operations per element is exactly
+// steer::program_element's (ablate q ascending, affine, add j ascending).
+
+// x·v with 16 independent partial sums, so the loop vectorizes without -ffast-math.
+__attribute__((always_inline)) inline float dot(const float* a, const float* b, int64_t d) {
+  float acc[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= d; i += 16) {
+    for (int j = 0; j < 16; ++j) acc[j] += a[i + j] * b[i + j];
+  }
+  float tail = 0.0f;
+  for (; i < d; ++i) tail += a[i] * b[i];
+  for (int j = 0; j < 16; j += 2) tail += acc[j] + acc[j + 1];
+  return tail;
+}
+
+// z += c · v
+__attribute__((always_inline)) inline void axpy(float* __restrict z, float c,
+                                                const float* __restrict v, int64_t d) {
+  for (int64_t i = 0; i < d; ++i) z[i] += c * v[i];
+}
+
+struct ProgramView {
+  const int32_t* meta;
+  const float* scalars;
+  const float* ablate;
+  const float* targets;
+  const float* affine;  // nullptr when the bank has no affine part
+  const float* vectors;
+  const float* weights;
+  const int32_t* neuron_idx;
+  const float* neuron_val;
+  const float* condition;  // nullptr when the bank has no condition part
+  const float* monitor;
+  int64_t S, K, M, N, P;
+};
+
+// One row of plan s: xin [d] fp32 (the input), zbuf [d] scratch, y the output row of x's dtype (may
+// alias the input). Writes the row's monitors into mon (P entries). Returns false, writing nothing
+// to y, when the row is not steered (λ·g == 0): the caller then copies it bit-exactly.
+template <typename T>
+__attribute__((always_inline)) inline bool program_row(const ProgramView& v, int64_t s,
+                                                       const float* xin, float* zbuf, T* y,
+                                                       int64_t d, float gate,
+                                                       const float* row_w, float* mon) {
+  const int32_t* meta = v.meta + s * steer::kMetaCols;
+  const int32_t flags = meta[steer::kMetaFlags];
+  const int k = meta[steer::kMetaAblate], m = meta[steer::kMetaAdd];
+  const int n = meta[steer::kMetaNeurons], p = meta[steer::kMetaMonitors];
+  // Read-outs on the input row.
+  for (int i = 0; i < p; ++i) mon[i] = dot(xin, v.monitor + (s * v.P + i) * d, d);
+  for (int64_t i = p; i < v.P; ++i) mon[i] = 0.0f;
+  const bool need_norm = (flags & steer::kRenorm) ||
+                         ((flags & steer::kCondition) && (flags & steer::kConditionCosine));
+  const float x_sq = need_norm ? dot(xin, xin, d) : 0.0f;
+  if (flags & steer::kCondition) {
+    const float score = steer::condition_score(flags, dot(xin, v.condition + s * d, d), sqrtf(x_sq));
+    gate *= steer::condition_gate(flags, score, v.scalars[s * steer::kScalarCols + steer::kScalarThreshold]);
+  }
+  const float c = v.scalars[s * steer::kScalarCols + steer::kScalarStrength] * gate;
+  if (c == 0.0f) return false;
+  // The program into zbuf.
+  const float* U = v.ablate + s * v.K * d;
+  float ablate_coef[steer::kMaxDirections];
+  for (int q = 0; q < k; ++q) ablate_coef[q] = dot(xin, U + q * d, d) - v.targets[s * v.K + q];
+  for (int64_t i = 0; i < d; ++i) zbuf[i] = xin[i];
+  for (int q = 0; q < k; ++q) axpy(zbuf, -ablate_coef[q], U + q * d, d);
+  if (flags & steer::kAffine) {
+    const float* a = v.affine + s * 2 * d;
+    for (int64_t i = 0; i < d; ++i) zbuf[i] = a[i] * zbuf[i] + a[d + i];
+  }
+  const float* w = row_w != nullptr ? row_w : v.weights + s * v.M;
+  for (int j = 0; j < m; ++j) axpy(zbuf, w[j], v.vectors + (s * v.M + j) * d, d);
+  for (int q = 0; q < n; ++q) {
+    const int64_t i = v.neuron_idx[s * v.N + q];
+    zbuf[i] = steer::neuron_edit(zbuf[i], v.neuron_val[(s * 2) * v.N + q],
+                                 v.neuron_val[(s * 2 + 1) * v.N + q]);
+  }
+  if (!(flags & steer::kRenorm)) {
+#pragma GCC ivdep
+    for (int64_t i = 0; i < d; ++i) store(y, i, steer::mix(xin[i], zbuf[i], c));
+    return true;
+  }
+  for (int64_t i = 0; i < d; ++i) zbuf[i] = steer::mix(xin[i], zbuf[i], c);
+  const float f = steer::renorm_factor(x_sq, dot(zbuf, zbuf, d));
+#pragma GCC ivdep
+  for (int64_t i = 0; i < d; ++i) store(y, i, zbuf[i] * f);
+  return true;
+}
+
+// Rows [r0, r1) of the program, with the ISA chosen by the wrapper below.
+template <typename T, typename IndexT>
+__attribute__((always_inline)) inline void program_rows(const ProgramView& v, const T* xp,
+                                                        int64_t x_stride, T* yp, int64_t y_stride,
+                                                        int64_t d, const float* gate,
+                                                        const IndexT* slot, const float* row_w,
+                                                        float* mon, bool in_place, float* scratch,
+                                                        int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    if (slot != nullptr) {
+      const int64_t raw = static_cast<int64_t>(slot[r]);
+      TORCH_CHECK_VALUE(raw < v.S, "steer_program: slot[", r, "] = ", raw,
+                        " is out of range for ", v.S, " plans");
+    }
+    const int64_t s = steer::resolve_slot(slot, r, v.S);
+    const T* x = xp + r * x_stride;
+    T* y = yp + r * y_stride;
+    float* mon_r = mon + r * v.P;
+    bool steered = false;
+    if (s < 0) {  // untouched: monitors 0
+      for (int64_t i = 0; i < v.P; ++i) mon_r[i] = 0.0f;
+    } else {
+      const float* xin;
+      if constexpr (std::is_same_v<T, float>) {
+        xin = x;
+      } else {
+        for (int64_t i = 0; i < d; ++i) scratch[d + i] = load(x, i);
+        xin = scratch + d;
+      }
+      steered = program_row<T>(v, s, xin, scratch, y, d, gate != nullptr ? gate[r] : 1.0f,
+                               row_w != nullptr ? row_w + r * v.M : nullptr, mon_r);
+    }
+    if (!steered && !in_place) std::memcpy(y, x, d * sizeof(T));  // bit-exact
+  }
+}
+
+template <typename T, typename IndexT>
+__attribute__((target("avx2,fma,f16c"))) void program_rows_avx2(
+    const ProgramView& v, const T* xp, int64_t x_stride, T* yp, int64_t y_stride, int64_t d,
+    const float* gate, const IndexT* slot, const float* row_w, float* mon, bool in_place,
+    float* scratch, int64_t r0, int64_t r1) {
+  program_rows<T, IndexT>(v, xp, x_stride, yp, y_stride, d, gate, slot, row_w, mon, in_place,
+                          scratch, r0, r1);
+}
+
+template <typename T, typename IndexT>
+void program_rows_baseline(const ProgramView& v, const T* xp, int64_t x_stride, T* yp,
+                           int64_t y_stride, int64_t d, const float* gate, const IndexT* slot,
+                           const float* row_w, float* mon, bool in_place, float* scratch,
+                           int64_t r0, int64_t r1) {
+  program_rows<T, IndexT>(v, xp, x_stride, yp, y_stride, d, gate, slot, row_w, mon, in_place,
+                          scratch, r0, r1);
+}
+
+template <typename T, typename IndexT>
+void program_kernel(const at::Tensor& x, at::Tensor& y, const ProgramView& v, const float* gate,
+                    const IndexT* slot, const float* row_w, float* mon) {
+  const int64_t rows = x.size(0), d = x.size(1);
+  const T* xp = x.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  const int64_t x_stride = x.stride(0), y_stride = y.stride(0);
+  const bool in_place = static_cast<const void*>(xp) == static_cast<const void*>(yp) &&
+                        x_stride == y_stride;
+  const auto run_rows = cpu_has_avx2() ? &program_rows_avx2<T, IndexT>
+                                       : &program_rows_baseline<T, IndexT>;
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(d, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(2 * d);  // z, and the fp32 input row for fp16/bf16
+    run_rows(v, xp, x_stride, yp, y_stride, d, gate, slot, row_w, mon, in_place, scratch.data(),
+             begin, end);
+  });
+}
+
+template <typename T>
+void program_dispatch_slot(const at::Tensor& x, at::Tensor& y, const ProgramView& v,
+                           const std::optional<at::Tensor>& gate,
+                           const std::optional<at::Tensor>& slot,
+                           const std::optional<at::Tensor>& row_weights, float* mon) {
+  const float* g = gate.has_value() ? gate->data_ptr<float>() : nullptr;
+  const float* w = row_weights.has_value() ? row_weights->data_ptr<float>() : nullptr;
+  if (!slot.has_value()) {
+    program_kernel<T, int64_t>(x, y, v, g, nullptr, w, mon);
+  } else if (slot->scalar_type() == at::kInt) {
+    program_kernel<T, int32_t>(x, y, v, g, slot->data_ptr<int32_t>(), w, mon);
+  } else {
+    program_kernel<T, int64_t>(x, y, v, g, slot->data_ptr<int64_t>(), w, mon);
+  }
+}
+
+void run_program(const at::Tensor& x, const SteerProgram& p, const std::optional<at::Tensor>& gate,
+                 const std::optional<at::Tensor>& slot,
+                 const std::optional<at::Tensor>& row_weights, at::Tensor& out,
+                 at::Tensor& monitors) {
+  if (x.size(0) == 0) return;
+  const ProgramView v{p.meta.data_ptr<int32_t>(),
+                      p.scalars.data_ptr<float>(),
+                      p.ablate.data_ptr<float>(),
+                      p.targets.data_ptr<float>(),
+                      p.affine.size(1) == 2 ? p.affine.data_ptr<float>() : nullptr,
+                      p.vectors.data_ptr<float>(),
+                      p.weights.data_ptr<float>(),
+                      p.neuron_idx.data_ptr<int32_t>(),
+                      p.neuron_val.data_ptr<float>(),
+                      p.condition.size(1) == 1 ? p.condition.data_ptr<float>() : nullptr,
+                      p.monitor.data_ptr<float>(),
+                      p.meta.size(0),
+                      p.ablate.size(1),
+                      p.vectors.size(1),
+                      p.neuron_idx.size(1),
+                      p.monitor.size(1)};
+  float* mon = monitors.data_ptr<float>();
+  switch (x.scalar_type()) {
+    case at::kFloat: program_dispatch_slot<float>(x, out, v, gate, slot, row_weights, mon); break;
+    case at::kHalf: program_dispatch_slot<c10::Half>(x, out, v, gate, slot, row_weights, mon); break;
+    default: program_dispatch_slot<c10::BFloat16>(x, out, v, gate, slot, row_weights, mon); break;
+  }
+}
+
 }  // namespace
 
 void steer_out_cpu(const at::Tensor& x, const at::Tensor& vectors, const at::Tensor& weights,
@@ -168,6 +384,45 @@ at::Tensor steer_cpu(const at::Tensor& x, const at::Tensor& vectors, const at::T
   at::Tensor y = at::empty({x.size(0), x.size(1)}, x.options());
   run(x, vectors, weights, strength, gate, slot, y);
   return y;
+}
+
+}  // namespace actshift
+
+namespace actshift {
+
+std::tuple<at::Tensor, at::Tensor> steer_program_cpu(
+    const at::Tensor& x, const at::Tensor& meta, const at::Tensor& scalars, const at::Tensor& ablate,
+    const at::Tensor& targets, const at::Tensor& affine, const at::Tensor& vectors,
+    const at::Tensor& weights, const at::Tensor& neuron_idx, const at::Tensor& neuron_val,
+    const at::Tensor& condition, const at::Tensor& monitor, const std::optional<at::Tensor>& gate,
+    const std::optional<at::Tensor>& slot, const std::optional<at::Tensor>& row_weights) {
+  const SteerProgram p{meta,    scalars,    ablate,     targets,   affine, vectors,
+                       weights, neuron_idx, neuron_val, condition, monitor};
+  check_steer_program_args(x, p, gate, slot, row_weights);
+  check_cpu(x);
+  check_steer_program_values(x, p);
+  at::Tensor y = at::empty({x.size(0), x.size(1)}, x.options());
+  at::Tensor monitors = steer_program_monitors(x, p);
+  run_program(x, p, gate, slot, row_weights, y, monitors);
+  return {y, monitors};
+}
+
+at::Tensor steer_program_out_cpu(
+    const at::Tensor& x, const at::Tensor& meta, const at::Tensor& scalars, const at::Tensor& ablate,
+    const at::Tensor& targets, const at::Tensor& affine, const at::Tensor& vectors,
+    const at::Tensor& weights, const at::Tensor& neuron_idx, const at::Tensor& neuron_val,
+    const at::Tensor& condition, const at::Tensor& monitor, const std::optional<at::Tensor>& gate,
+    const std::optional<at::Tensor>& slot, const std::optional<at::Tensor>& row_weights,
+    at::Tensor& out) {
+  const SteerProgram p{meta,    scalars,    ablate,     targets,   affine, vectors,
+                       weights, neuron_idx, neuron_val, condition, monitor};
+  check_steer_program_args(x, p, gate, slot, row_weights);
+  check_cpu(x);
+  check_steer_out(x, out);
+  check_steer_program_values(x, p);
+  at::Tensor monitors = steer_program_monitors(x, p);
+  run_program(x, p, gate, slot, row_weights, out, monitors);
+  return monitors;
 }
 
 }  // namespace actshift

@@ -33,6 +33,85 @@ def steer(
     return torch.where(keep[:, None], x, y)
 
 
+# Flag bits of the steering program (csrc/include/actshift/steer.h).
+STEER_AFFINE, STEER_CONDITION, STEER_COSINE, STEER_LESS, STEER_RENORM = 1, 2, 4, 8, 16
+
+
+def steer_program(
+    x: torch.Tensor,
+    meta: torch.Tensor,
+    scalars: torch.Tensor,
+    ablate: torch.Tensor,
+    targets: torch.Tensor,
+    affine: torch.Tensor,
+    vectors: torch.Tensor,
+    weights: torch.Tensor,
+    neuron_idx: torch.Tensor,
+    neuron_val: torch.Tensor,
+    condition: torch.Tensor,
+    monitor: torch.Tensor,
+    gate: torch.Tensor | None = None,
+    slot: torch.Tensor | None = None,
+    row_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full steering program of each row (contract: csrc/include/actshift/steer.h); -> (y, monitors).
+
+    A bank of S plans, zero-padded: meta [S, 5] int32 {flags, k, m, n, p}; scalars [S, 2] {λ, threshold};
+    ablate [S, K, d] (orthonormal rows) and targets [S, K]; affine [S, 2, d] {scale, bias} or [S, 0, d];
+    vectors [S, M, d] and weights [S, M]; neuron_idx [S, N] int32 and neuron_val [S, 2, N] {mul, add};
+    condition [S, 1, d] (unit-norm for cosine) or [S, 0, d]; monitor [S, P, d]. Per row: gate [rows],
+    slot [rows] (-1 or >= S: untouched, monitors 0), row_weights [rows, M] (replaces weights[slot]).
+    Every dot product reads the input row x; y = x + λ·g·(z − x) with z the program applied to x.
+    """
+    rows, d = x.shape
+    S, dev = meta.shape[0], x.device
+    xf = x.float()
+    s = torch.zeros(rows, dtype=torch.long, device=dev) if slot is None else slot.long()
+    keep = (s < 0) | (s >= S)
+    s = torch.where(keep, 0, s)
+    meta_r = meta.long()[s]
+    flags = meta_r[:, 0]
+
+    def first(count: torch.Tensor, size: int) -> torch.Tensor:  # [rows, size]: entry < the row's count
+        return torch.arange(size, device=dev)[None] < count[:, None]
+
+    def has(bit: int) -> torch.Tensor:
+        return (flags & bit) != 0
+
+    # Read-outs on the input row.
+    mon = torch.einsum("rd,rpd->rp", xf, monitor[s]) * first(meta_r[:, 4], monitor.shape[1])
+    norm = xf.pow(2).sum(1).sqrt()
+    U = ablate[s]
+    ablate_coef = (torch.einsum("rd,rkd->rk", xf, U) - targets[s]) * first(meta_r[:, 1], ablate.shape[1])
+    cond = torch.ones(rows, device=dev)
+    if condition.shape[1] == 1:
+        dot = (xf * condition[s, 0]).sum(1)
+        score = torch.where(has(STEER_COSINE), torch.where(norm > 0, dot / norm, 0.0), dot)
+        thr = scalars[s, 1]
+        holds = torch.where(has(STEER_LESS), score < thr, score > thr)
+        cond = torch.where(has(STEER_CONDITION), holds.float(), 1.0)
+    # The program.
+    z = xf - torch.einsum("rk,rkd->rd", ablate_coef, U)
+    if affine.shape[1] == 2:
+        z = torch.where(has(STEER_AFFINE)[:, None], affine[s, 0] * z + affine[s, 1], z)
+    w = weights[s] if row_weights is None else row_weights.float()
+    z = z + torch.einsum("rm,rmd->rd", w * first(meta_r[:, 2], vectors.shape[1]), vectors[s])
+    if neuron_idx.shape[1] > 0:
+        idx = neuron_idx.long()[s]
+        picked = z.gather(1, idx)
+        edited = neuron_val[s, 0] * picked + neuron_val[s, 1]
+        # Indices are unique within a plan and padding contributes 0, so adding the change is exact.
+        z = z.scatter_add(1, idx, (edited - picked) * first(meta_r[:, 3], neuron_idx.shape[1]))
+    g = cond if gate is None else gate.float() * cond
+    c = scalars[s, 0] * g
+    y = xf + c[:, None] * (z - xf)
+    y_norm = y.pow(2).sum(1).sqrt()
+    factor = torch.where(has(STEER_RENORM) & (y_norm > 0), norm / y_norm, 1.0)
+    y = (y * factor[:, None]).to(x.dtype)
+    untouched = keep | (c == 0)
+    return torch.where(untouched[:, None], x, y), torch.where(keep[:, None], 0.0, mon)
+
+
 # --- percentile scaling (ASH, SCALE, ReAct, AdaSCALE) ------------------------------------------
 
 PERCENTILE_METHODS = ("ratio", "scale", "ash_p", "ash_b", "ash_s", "react")

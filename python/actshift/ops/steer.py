@@ -2,13 +2,17 @@
 
 Backends: "cpu" and "cuda" call torch.ops.actshift.steer (C++); "triton" calls
 torch.ops.actshift.steer_triton (kernels/steer.py); "reference" is reference.steer.
+Plans with more than add vectors (or calls asking for monitors or per-row weights) run the full
+program: torch.ops.actshift.steer_program on "cpu" (and on "cuda"/"triton" once their kernels are
+registered), reference.steer_program on "reference".
 """
 from __future__ import annotations
 
 import torch
 
 from .. import _ext, backends, reference
-from ..steering.plan import MAX_VECTORS, as_bank
+from ..backends import BackendUnavailableError
+from ..steering.plan import MAX_VECTORS, SteeringBank, as_bank
 
 _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SLOT_DTYPES = (torch.int32, torch.int64)
@@ -23,6 +27,17 @@ if _ext.EXT_LOADED:
     @torch.library.register_fake("actshift::steer_out")
     def _steer_out_fake(x, vectors, weights, strength, gate, slot, out):
         return None
+
+    @torch.library.register_fake("actshift::steer_program")
+    def _steer_program_fake(x, meta, scalars, ablate, targets, affine, vectors, weights, neuron_idx,
+                            neuron_val, condition, monitor, gate, slot, row_weights):
+        torch._check(x.dim() == 2, lambda: "steer_program: x must be [rows, d]")
+        return x.new_empty(x.shape), x.new_empty((x.shape[0], monitor.shape[1]), dtype=torch.float32)
+
+    @torch.library.register_fake("actshift::steer_program_out")
+    def _steer_program_out_fake(x, meta, scalars, ablate, targets, affine, vectors, weights, neuron_idx,
+                                neuron_val, condition, monitor, gate, slot, row_weights, out):
+        return x.new_empty((x.shape[0], monitor.shape[1]), dtype=torch.float32)
 
 
 def _triton_ready() -> bool:
@@ -174,34 +189,141 @@ def apply_steer(
     return _run(x, vectors, weights, strength, gate, slot, out, backend, check_slots)
 
 
+def _fold_mask(gate, mask, x: torch.Tensor):
+    """gate × mask (a token mask: bool or 0/1 per row) as one float gate."""
+    if mask is None:
+        return gate
+    if not isinstance(mask, torch.Tensor) or not (mask.dtype == torch.bool or mask.is_floating_point()):
+        raise TypeError("mask must be a bool or floating-point tensor with one entry per row")
+    if mask.shape != x.shape[:-1]:
+        raise ValueError(f"mask must have x's leading shape {tuple(x.shape[:-1])}, got {tuple(mask.shape)}")
+    mask = mask.to(torch.float32)
+    if gate is None:
+        return mask
+    if not isinstance(gate, torch.Tensor) or gate.shape != mask.shape:
+        raise ValueError(f"gate must have x's leading shape {tuple(x.shape[:-1])}, got {tuple(getattr(gate, 'shape', ()))}")
+    return gate.float() * mask
+
+
+def _program_backend(name: str, device: torch.device, requested: str) -> str:
+    """The backend that runs the full program: GPU kernels join as they are registered."""
+    if name == "cpu" or name == "reference":
+        return name
+    if name == "triton" and hasattr(torch.ops.actshift, "steer_program_triton"):
+        return name
+    if name == "cuda" and torch._C._dispatch_has_kernel_for_dispatch_key("actshift::steer_program", "CUDA"):
+        return name
+    if requested == "auto" and backends.get_backend() == "auto":
+        return "reference"  # "auto" takes the best available; only the reference runs it here yet
+    raise BackendUnavailableError(
+        f"backend {name!r} does not implement the full steering program yet (additive plans only)"
+    )
+
+
+def _check_row_weights(weights, x2: torch.Tensor, M: int) -> torch.Tensor:
+    if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
+        raise TypeError("weights must be a floating-point tensor")
+    if weights.device != x2.device:
+        raise ValueError(f"weights is on {weights.device} but x is on {x2.device}")
+    if M == 0:
+        raise ValueError("weights were given but no plan in the bank has add vectors")
+    rows = x2.shape[0]
+    if weights.dim() == 1 and weights.shape[0] == M:
+        weights = weights.expand(rows, M)
+    elif weights.dim() >= 2 and weights.shape[-1] == M and weights.shape[:-1].numel() == rows:
+        weights = weights.reshape(rows, M)
+    else:
+        raise ValueError(f"weights must be [{M}] or one row of {M} per row of x ([..., {M}]), got {tuple(weights.shape)}")
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(weights).all()):
+        raise ValueError("weights contains NaN or Inf")
+    return weights.float().contiguous()
+
+
+def _run_program(x, bank: SteeringBank, gate, slot, weights, out, backend: str):
+    """The full program on x [..., d]; returns (y or out, monitors [..., P])."""
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dim (the hidden size)")
+    shape = x.shape
+    x2 = x if x.dim() == 2 else x.reshape(-1, shape[-1])
+    if isinstance(gate, torch.Tensor) and gate.dim() != 1:
+        gate = gate.reshape(-1)
+    if isinstance(slot, torch.Tensor) and slot.dim() != 1:
+        slot = slot.reshape(-1)
+    _check_rows(x2, gate, slot)
+    out2 = None if out is None else _check_out(x, out)
+    if gate is not None and gate.dtype != torch.float32:
+        gate = gate.float()
+    row_weights = None if weights is None else _check_row_weights(weights, x2, bank.max_vectors)
+    name = backends.resolve(backend, x2.device)
+    name = _program_backend(name, x2.device, backend)
+    prog = bank.program(x2.device, folded=row_weights is None)
+    if slot is not None and name != "cpu":  # the C++ CPU kernel checks while it runs
+        _check_slot_values(slot, len(bank))
+    if name == "reference":
+        y, monitors = reference.steer_program(x2, *prog, gate, slot, row_weights)
+        if out2 is not None:
+            out2.copy_(y)
+    elif name == "triton":
+        if out2 is not None:
+            monitors = torch.ops.actshift.steer_program_triton_out(x2, *prog, gate, slot, row_weights, out2, out is x)
+        else:
+            y, monitors = torch.ops.actshift.steer_program_triton(x2, *prog, gate, slot, row_weights)
+    elif out2 is not None:
+        monitors = torch.ops.actshift.steer_program_out(x2, *prog, gate, slot, row_weights, out2)
+    else:
+        y, monitors = torch.ops.actshift.steer_program(x2, *prog, gate, slot, row_weights)
+    monitors = monitors.view(*shape[:-1], monitors.shape[-1])
+    if out2 is not None:
+        return out, monitors
+    return (y if x.dim() == 2 else y.view(shape)), monitors
+
+
 def steer(
     x: torch.Tensor,
     plan,
     *,
     slot: torch.Tensor | None = None,
     gate: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    return_monitors: bool = False,
     backend: str = "auto",
-) -> torch.Tensor:
-    """Applies a steering plan to hidden states x [..., d] in one pass: y = x + λ·g·Σ_j w_j v_j.
+):
+    """Applies a steering plan to hidden states x [..., d] in one pass over x.
+
+    y = x + λ·g·(z − x), z = the plan's program (ablate, affine, add, neurons) on x, g = gate × mask ×
+    the plan's condition; see `SteeringPlan`. Plans that only add vectors run the plain additive
+    kernel: y = x + λ·g·Σ_j w_j v_j.
 
     Args:
         x: hidden states, fp32/fp16/bf16, last dim contiguous, any leading dims (0 rows allowed).
         plan: a SteeringPlan, or a SteeringBank / list of plans selected per row by `slot`.
-        slot: int tensor with one plan index per row (x's leading shape); -1 leaves a row untouched.
-        gate: float tensor with one multiplier per row (a token mask, or a condition score).
+        slot: int tensor with one plan index per row (x's leading shape); -1 leaves a row untouched
+            (bit-exact, monitors 0).
+        gate: float tensor with one multiplier per row (a score, or 0/1).
+        mask: a token mask (bool or float per row), multiplied into the gate.
+        weights: per-row add weights replacing the plans' static ones: [..., M] with one row per row
+            of x (or [M] for every row), M = the bank's largest number of add vectors.
         out: where to write the result (x's shape, dtype and device); ``out=x`` steers in place,
             which avoids allocating (on CPU a fresh large output costs more than the op itself).
+        return_monitors: also return the plans' read-outs x·Mᵀ of the input, fp32 [..., P]
+            (P = the bank's largest monitor count; entries past a plan's own count are 0).
         backend: "auto", "reference", "cpu", "triton" or "cuda".
 
     Returns:
-        A new tensor shaped like x, or `out`.
+        A new tensor shaped like x, or `out`; with return_monitors, (that, monitors).
     """
     bank = as_bank(plan)
     if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] != bank.hidden_size:
         raise ValueError(f"x has hidden size {x.shape[-1]} but the plan was built for {bank.hidden_size}")
     if slot is None and len(bank) > 1:
         raise ValueError(f"slot is required when the plan bank holds {len(bank)} plans")
-    device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
-    vectors, weights, strength = bank.tensors(device)
-    return _run(x, vectors, weights, strength, gate, slot, out, backend, check_slots=True)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    gate = _fold_mask(gate, mask, x)
+    if bank.is_additive and weights is None and not return_monitors:
+        vectors, weights_, strength = bank.tensors(x.device)
+        return _run(x, vectors, weights_, strength, gate, slot, out, backend, check_slots=True)
+    y, monitors = _run_program(x, bank, gate, slot, weights, out, backend)
+    return (y, monitors) if return_monitors else y

@@ -5,14 +5,19 @@ can carry a different plan per row (`slot`), which is how a server steers each r
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
+from ..reference import STEER_AFFINE, STEER_CONDITION, STEER_COSINE, STEER_LESS, STEER_RENORM
 
 MAX_VECTORS = 16  # kernels keep the per-row coefficients in registers (csrc/include/actshift/steer.h)
+MAX_DIRECTIONS = 16  # ablation directions per plan, same reason
+MAX_MONITORS = 16  # monitor read-outs per plan, same reason
+ORTHONORMAL_TOL = 1e-4  # max |U·Uᵀ − I| accepted as orthonormal (fp32 round-off of unit vectors)
 
 
 def _as_float_tensor(value, name: str) -> torch.Tensor:
@@ -25,52 +30,287 @@ def _as_float_tensor(value, name: str) -> torch.Tensor:
         raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
     if not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name} contains NaN or Inf")
-    return value.detach().to(torch.float32)
+    return value.detach().to(device="cpu", dtype=torch.float32).contiguous()
 
 
-@dataclass(eq=False)
+def _as_rows(value, name: str, limit: int) -> torch.Tensor:
+    """[d] or [n, d] (1 <= n <= limit, d > 0) -> [n, d] fp32."""
+    t = _as_float_tensor(value, name)
+    if t.dim() == 1:
+        t = t[None]
+    if t.dim() != 2 or t.shape[0] == 0 or t.shape[1] == 0:
+        raise ValueError(f"{name} must be [d] or [n, d] with n, d > 0, got shape {tuple(t.shape)}")
+    if t.shape[0] > limit:
+        raise ValueError(f"{name} holds {t.shape[0]} vectors; at most {limit} per plan")
+    return t
+
+
+def _as_number(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+def _per_entry(value, name: str, n: int) -> torch.Tensor:
+    """A number or [n] values -> [n] fp32."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.full((n,), _as_number(value, name))
+    t = _as_float_tensor(value, name)
+    if t.shape != (n,):
+        raise ValueError(f"{name} must be a number or [{n}] values, got shape {tuple(t.shape)}")
+    return t
+
+
+def _orthonormal_rows(U: torch.Tensor) -> torch.Tensor:
+    """Gram-Schmidt (via QR in fp64) keeping each row's direction; raises on dependent rows."""
+    q, r = torch.linalg.qr(U.double().t())
+    diag = r.diagonal()
+    if bool((diag.abs() <= 1e-6 * U.double().norm(dim=1).max()).any()):
+        raise ValueError("ablate directions are linearly dependent; cannot orthonormalize them")
+    return (q * diag.sign()).t().float().contiguous()
+
+
 class SteeringPlan:
-    """Additive steering: y = x + strength · gate · Σ_j weights[j] · add[j].
+    """One steering program for hidden states of size d, applied in one pass by `actshift.steer`.
+
+    Read-outs use the input row x; then, each part optional and in this order,
+      1. ablate/clamp   z = x − Σ_k (x·u_k − t_k) u_k        (`ablate`)
+      2. affine         z = scale ⊙ z + bias                   (`affine`)
+      3. add            z = z + Σ_j w_j v_j                    (`add=` / `add`)
+      4. neurons        z[idx] = mul ⊙ z[idx] + add            (`neurons`)
+    and y = x + strength · g · (z − x), g = given gate × condition (`condition`); `renorm` rescales
+    y to ‖x‖. `monitor` adds read-outs x·Mᵀ, returned by `steer(..., return_monitors=True)`.
 
     Args:
-        add: one vector [d] or m vectors [m, d] (any float dtype; stored as fp32).
-        weights: [m] coefficients, default all ones.
+        add: one vector [d] or m <= 16 vectors [m, d] (any float dtype; stored as fp32).
+        weights: [m] coefficients of the add vectors, default all ones.
         strength: λ, scales the whole intervention.
+        renorm: rescale each steered row to its input norm.
 
-    The full program of the contract (ablation, affine maps, neuron edits, conditions, monitors,
-    renorm) extends this same class and the same single-pass kernel.
+    The builder methods return a new plan with that part set (a plan is immutable once built):
+
+        plan = SteeringPlan(strength=4.0).ablate(u).add(v).condition(c, 0.2).monitor(M)
     """
 
-    add: torch.Tensor
-    weights: torch.Tensor | Sequence[float] | None = None
-    strength: float = 1.0
-    _cache: dict = field(default_factory=dict, init=False, repr=False)
+    def __init__(self, add=None, weights=None, strength: float = 1.0, *, renorm: bool = False):
+        self.strength = _as_number(strength, "strength")
+        if not isinstance(renorm, bool):
+            raise TypeError(f"renorm must be a bool, got {type(renorm).__name__}")
+        self.renorm = renorm
+        self.vectors: torch.Tensor | None = None  # [m, d]
+        self.weights: torch.Tensor | None = None  # [m]
+        self.directions: torch.Tensor | None = None  # [k, d], orthonormal rows
+        self.targets: torch.Tensor | None = None  # [k]
+        self.scale: torch.Tensor | None = None  # [d], with bias; both set or both None
+        self.bias: torch.Tensor | None = None
+        self.neuron_idx: torch.Tensor | None = None  # [n] int64, unique
+        self.neuron_mul: torch.Tensor | None = None  # [n]
+        self.neuron_add: torch.Tensor | None = None  # [n]
+        self.condition_vector: torch.Tensor | None = None  # [d] as given
+        self.condition_threshold = 0.0
+        self.condition_kind = "cosine"
+        self.condition_compare = ">"
+        self.monitors: torch.Tensor | None = None  # [p, d]
+        self._cache: dict = {}
+        if add is not None:
+            self._set_add(add, weights)
+        elif weights is not None:
+            raise ValueError("weights were given without add vectors")
 
-    def __post_init__(self) -> None:
-        add = _as_float_tensor(self.add, "add")
-        if add.dim() == 1:
-            add = add[None]
-        if add.dim() != 2 or add.shape[1] == 0:
-            raise ValueError(f"add must be [d] or [m, d] with d > 0, got shape {tuple(self.add.shape)}")
-        if add.shape[0] > MAX_VECTORS:
-            raise ValueError(f"add holds {add.shape[0]} vectors; at most {MAX_VECTORS} per plan")
-        m = add.shape[0]
-        weights = torch.ones(m) if self.weights is None else _as_float_tensor(self.weights, "weights")
-        if weights.shape != (m,):
-            raise ValueError(f"weights must be [{m}] to match add, got shape {tuple(weights.shape)}")
-        if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)):
-            raise TypeError(f"strength must be a number, got {type(self.strength).__name__}")
-        if not math.isfinite(self.strength):
-            raise ValueError(f"strength must be finite, got {self.strength}")
-        self.add, self.weights, self.strength = add.contiguous(), weights.to(add.device), float(self.strength)
+    # --- builders ------------------------------------------------------------------------------
+
+    def _copy(self) -> SteeringPlan:
+        new = copy.copy(self)
+        new._cache = {}
+        return new
+
+    def _check_width(self, d: int, name: str) -> None:
+        if self.hidden_size is not None and d != self.hidden_size:
+            raise ValueError(f"{name} has hidden size {d}, but the plan's is {self.hidden_size}")
+
+    def _set_add(self, vectors, weights) -> None:
+        v = _as_rows(vectors, "add", MAX_VECTORS)
+        self._check_width(v.shape[1], "add")
+        m = v.shape[0]
+        w = torch.ones(m) if weights is None else _as_float_tensor(weights, "weights")
+        if w.shape != (m,):
+            raise ValueError(f"weights must be [{m}] to match add, got shape {tuple(w.shape)}")
+        self.vectors, self.weights = v, w
+
+    def add(self, vectors, weights=None) -> SteeringPlan:
+        """Adds Σ_j weights[j] · vectors[j] (vectors [d] or [m <= 16, d], weights [m], default ones)."""
+        new = self._copy()
+        new.vectors = new.weights = None
+        new._set_add(vectors, weights)
+        return new
+
+    def ablate(self, directions, targets=None, *, orthonormalize: bool = False) -> SteeringPlan:
+        """Sets the component of x along each direction u_k to targets[k] (default 0: ablation).
+
+        directions: [d] or [k <= 16, d] with orthonormal rows. Rows that are not orthonormal are an
+        error unless `orthonormalize=True`, which runs Gram-Schmidt in row order (targets then refer
+        to the orthonormalized directions).
+        """
+        U = _as_rows(directions, "directions", MAX_DIRECTIONS)
+        new = self._copy()
+        new._check_width(U.shape[1], "directions")
+        if orthonormalize:
+            U = _orthonormal_rows(U)
+        else:
+            err = float((U.double() @ U.double().t() - torch.eye(U.shape[0], dtype=torch.float64)).abs().max())
+            if err > ORTHONORMAL_TOL:
+                raise ValueError(
+                    f"directions must have orthonormal rows (max |U·Uᵀ − I| = {err:.3g}); "
+                    "pass orthonormalize=True to orthonormalize them"
+                )
+        k = U.shape[0]
+        new.directions = U
+        new.targets = torch.zeros(k) if targets is None else _per_entry(targets, "targets", k)
+        return new
+
+    def affine(self, scale=None, bias=None) -> SteeringPlan:
+        """z = scale ⊙ z + bias per dimension (each [d]; scale defaults to ones, bias to zeros)."""
+        if scale is None and bias is None:
+            raise ValueError("affine needs a scale, a bias, or both")
+        new = self._copy()
+        parts = {}
+        for name, value in (("scale", scale), ("bias", bias)):
+            if value is not None:
+                t = _as_float_tensor(value, name)
+                if t.dim() != 1 or t.shape[0] == 0:
+                    raise ValueError(f"{name} must be [d], got shape {tuple(t.shape)}")
+                new._check_width(t.shape[0], name)
+                parts[name] = t
+        d = next(iter(parts.values())).shape[0]
+        if scale is not None and bias is not None and parts["scale"].shape != parts["bias"].shape:
+            raise ValueError(f"scale and bias must both be [d], got {tuple(parts['scale'].shape)} and {tuple(parts['bias'].shape)}")
+        new.scale = parts.get("scale", torch.ones(d))
+        new.bias = parts.get("bias", torch.zeros(d))
+        return new
+
+    def neurons(self, idx, mul=1.0, add=0.0) -> SteeringPlan:
+        """z[idx] = mul ⊙ z[idx] + add on a non-empty set of distinct indices (mul/add: number or [n])."""
+        if not isinstance(idx, torch.Tensor):
+            try:
+                idx = torch.as_tensor(idx)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise TypeError(f"idx must be a tensor or a sequence of ints: {e}") from None
+        if idx.numel() == 0:
+            raise ValueError("idx is empty; give at least one neuron index")
+        if idx.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
+            raise TypeError(f"idx must hold integers, got {idx.dtype}")
+        if idx.dim() > 1:
+            raise ValueError(f"idx must be a 1-d index set, got shape {tuple(idx.shape)}")
+        idx = idx.detach().cpu().long().reshape(-1)
+        if bool((idx < 0).any()):
+            raise ValueError(f"idx holds a negative index {int(idx.min())}")
+        d = self.hidden_size
+        if d is not None and int(idx.max()) >= d:
+            raise ValueError(f"idx holds {int(idx.max())}, out of range for hidden size {d}")
+        if torch.unique(idx).numel() != idx.numel():
+            raise ValueError("idx holds repeated indices; each neuron may appear once")
+        n = idx.numel()
+        new = self._copy()
+        new.neuron_idx = idx.contiguous()
+        new.neuron_mul, new.neuron_add = _per_entry(mul, "mul", n), _per_entry(add, "add", n)
+        return new
+
+    def condition(self, vector, threshold: float = 0.0, kind: str = "cosine", compare: str = ">") -> SteeringPlan:
+        """Steers only rows whose score `compare` threshold; score = cos(x, vector) for kind="cosine",
+        x·vector for kind="projection" (computed on the input row)."""
+        if kind not in ("cosine", "projection"):
+            raise ValueError(f'kind must be "cosine" or "projection", got {kind!r}')
+        if compare not in (">", "<"):
+            raise ValueError(f'compare must be ">" or "<", got {compare!r}')
+        v = _as_float_tensor(vector, "vector")
+        if v.dim() != 1 or v.shape[0] == 0:
+            raise ValueError(f"vector must be [d], got shape {tuple(v.shape)}")
+        if kind == "cosine" and float(v.norm()) == 0.0:
+            raise ValueError("vector is zero; a cosine condition needs a non-zero vector")
+        new = self._copy()
+        new._check_width(v.shape[0], "vector")
+        new.condition_vector = v
+        new.condition_threshold = _as_number(threshold, "threshold")
+        new.condition_kind, new.condition_compare = kind, compare
+        return new
+
+    def monitor(self, matrix) -> SteeringPlan:
+        """Read-outs x·matrixᵀ of the input rows (matrix [d] or [p <= 16, d])."""
+        M = _as_rows(matrix, "matrix", MAX_MONITORS)
+        new = self._copy()
+        new._check_width(M.shape[1], "matrix")
+        new.monitors = M
+        return new
+
+    # --- properties ----------------------------------------------------------------------------
 
     @property
-    def hidden_size(self) -> int:
-        return self.add.shape[1]
+    def hidden_size(self) -> int | None:
+        """d, or None for a plan with no vector part yet."""
+        for t in (self.vectors, self.directions, self.scale, self.condition_vector, self.monitors):
+            if t is not None:
+                return t.shape[-1]
+        return None
 
     @property
     def num_vectors(self) -> int:
-        return self.add.shape[0]
+        return 0 if self.vectors is None else self.vectors.shape[0]
+
+    @property
+    def num_monitors(self) -> int:
+        return 0 if self.monitors is None else self.monitors.shape[0]
+
+    @property
+    def is_additive(self) -> bool:
+        """Only add vectors (or nothing): the plain additive kernel runs it."""
+        return (self.directions is None and self.scale is None and self.neuron_idx is None
+                and self.condition_vector is None and self.monitors is None and not self.renorm)
+
+    def __repr__(self) -> str:
+        parts = [f"strength={self.strength}"]
+        if self.directions is not None:
+            parts.append(f"ablate={self.directions.shape[0]}")
+        if self.scale is not None:
+            parts.append("affine")
+        if self.vectors is not None:
+            parts.append(f"add={self.vectors.shape[0]}")
+        if self.neuron_idx is not None:
+            parts.append(f"neurons={self.neuron_idx.numel()}")
+        if self.condition_vector is not None:
+            parts.append(f"condition={self.condition_kind}{self.condition_compare}{self.condition_threshold}")
+        if self.monitors is not None:
+            parts.append(f"monitor={self.monitors.shape[0]}")
+        if self.renorm:
+            parts.append("renorm")
+        return f"SteeringPlan(d={self.hidden_size}, {', '.join(parts)})"
+
+
+class SteeringProgram(NamedTuple):
+    """A bank's padded program tensors, in the argument order of torch.ops.actshift.steer_program
+    (layout: actshift.reference.steer_program)."""
+
+    meta: torch.Tensor
+    scalars: torch.Tensor
+    ablate: torch.Tensor
+    targets: torch.Tensor
+    affine: torch.Tensor
+    vectors: torch.Tensor
+    weights: torch.Tensor
+    neuron_idx: torch.Tensor
+    neuron_val: torch.Tensor
+    condition: torch.Tensor
+    monitor: torch.Tensor
+
+
+def _pad_rows(parts: list[torch.Tensor | None], width: int, tail: tuple[int, ...]) -> torch.Tensor:
+    """Stacks per-plan [n_i, *tail] tensors (None = none) into [S, width, *tail], zero-padded."""
+    out = torch.zeros(len(parts), width, *tail)
+    for i, t in enumerate(parts):
+        if t is not None:
+            out[i, : t.shape[0]] = t
+    return out
 
 
 class SteeringBank:
@@ -78,7 +318,8 @@ class SteeringBank:
 
     The stacked tensors are built once per device and reused by every call. Each plan's weights are
     static, so its vectors fold into one: the kernels then read one vector per row instead of m
-    (the same sum, rounded once in fp32 instead of per row).
+    (the same sum, rounded once in fp32 instead of per row). Per-row weights need the unfolded
+    vectors, a second cached layout. Plans may use different parts; absent parts are zero counts.
     """
 
     def __init__(self, plans: Sequence[SteeringPlan]):
@@ -88,30 +329,103 @@ class SteeringBank:
         for i, p in enumerate(plans):
             if not isinstance(p, SteeringPlan):
                 raise TypeError(f"plans[{i}] must be a SteeringPlan, got {type(p).__name__}")
-        d = plans[0].hidden_size
-        for i, p in enumerate(plans):
-            if p.hidden_size != d:
-                raise ValueError(f"plans[{i}] has hidden size {p.hidden_size}, plans[0] has {d}")
+        sizes = [p.hidden_size for p in plans]
+        known = [d for d in sizes if d is not None]
+        if not known:
+            raise ValueError("plans set no vector part, so their hidden size is unknown")
+        d = known[0]
+        for i, (p, di) in enumerate(zip(plans, sizes)):
+            if di is not None and di != d:
+                raise ValueError(f"plans[{i}] has hidden size {di}, plans[0] has {d}")
+            if p.neuron_idx is not None and int(p.neuron_idx.max()) >= d:
+                raise ValueError(f"plans[{i}] has neuron index {int(p.neuron_idx.max())}, out of range for hidden size {d}")
         self.plans = plans
-        self._cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._d = d
+        self.is_additive = all(p.is_additive for p in plans)
+        self.max_vectors = max(p.num_vectors for p in plans)
+        self.num_monitors = max(p.num_monitors for p in plans)
+        self._cache: dict = {}
 
     def __len__(self) -> int:
         return len(self.plans)
 
     @property
     def hidden_size(self) -> int:
-        return self.plans[0].hidden_size
+        return self._d
 
     def tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(vectors [S, 1, d], weights [S, 1], strength [S]) in fp32 on `device`."""
-        cached = self._cache.get(device)
+        """Additive part only: (vectors [S, 1, d], weights [S, 1], strength [S]) fp32 on `device`."""
+        key = ("add", device)
+        cached = self._cache.get(key)
         if cached is None:
-            vectors = torch.stack([p.weights.cpu() @ p.add.cpu() for p in self.plans])[:, None]
+            vectors = torch.stack([self._folded(p) for p in self.plans])[:, None]
             weights = torch.ones(len(self.plans), 1)
             strength = torch.tensor([p.strength for p in self.plans])
             cached = tuple(t.to(device).contiguous() for t in (vectors, weights, strength))
-            self._cache[device] = cached
+            self._cache[key] = cached
         return cached
+
+    def _folded(self, p: SteeringPlan) -> torch.Tensor:
+        return torch.zeros(self._d) if p.vectors is None else p.weights @ p.vectors
+
+    def program(self, device: torch.device, folded: bool = True) -> SteeringProgram:
+        """The padded program tensors on `device`. folded=True sums each plan's weighted add vectors
+        into one (M = 1); folded=False keeps them apart (M = max m) for per-row weights."""
+        key = ("program", device, folded)
+        cached = self._cache.get(key)
+        if cached is None:
+            cached = SteeringProgram(*(t.to(device).contiguous() for t in self._build(folded)))
+            self._cache[key] = cached
+        return cached
+
+    def _build(self, folded: bool) -> SteeringProgram:
+        plans, d = self.plans, self._d
+        S = len(plans)
+        # Counts as Python ints (not tensor reductions): the sizes stay static if this first runs
+        # while torch.compile traces.
+        meta_rows = []
+        for p in plans:
+            flags = (STEER_AFFINE if p.scale is not None else 0) | (STEER_RENORM if p.renorm else 0)
+            if p.condition_vector is not None:
+                flags |= STEER_CONDITION | (STEER_COSINE if p.condition_kind == "cosine" else 0)
+                flags |= STEER_LESS if p.condition_compare == "<" else 0
+            m = min(p.num_vectors, 1) if folded else p.num_vectors
+            k = 0 if p.directions is None else p.directions.shape[0]
+            n = 0 if p.neuron_idx is None else p.neuron_idx.numel()
+            meta_rows.append([flags, k, m, n, p.num_monitors])
+        meta = torch.tensor(meta_rows, dtype=torch.int32)
+        scalars = torch.tensor([[p.strength, p.condition_threshold] for p in plans])
+        K, M, N = (max(row[c] for row in meta_rows) for c in (1, 2, 3))
+        has_affine = any(p.scale is not None for p in plans)
+        has_condition = any(p.condition_vector is not None for p in plans)
+        if folded:
+            vectors = _pad_rows([None if p.vectors is None else self._folded(p)[None] for p in plans], M, (d,))
+            weights = torch.ones(S, M)
+        else:
+            vectors = _pad_rows([p.vectors for p in plans], M, (d,))
+            weights = _pad_rows([p.weights for p in plans], M, ())
+        cond = [None if p.condition_vector is None else
+                (p.condition_vector / p.condition_vector.norm() if p.condition_kind == "cosine" else p.condition_vector)[None]
+                for p in plans]
+        neuron_val = torch.zeros(S, 2, N)
+        for i, p in enumerate(plans):
+            if p.neuron_idx is not None:
+                neuron_val[i, 0, : p.neuron_idx.numel()] = p.neuron_mul
+                neuron_val[i, 1, : p.neuron_idx.numel()] = p.neuron_add
+        return SteeringProgram(
+            meta=meta,
+            scalars=scalars,
+            ablate=_pad_rows([p.directions for p in plans], K, (d,)),
+            targets=_pad_rows([p.targets for p in plans], K, ()),
+            affine=_pad_rows([None if p.scale is None else torch.stack([p.scale, p.bias]) for p in plans],
+                             2 if has_affine else 0, (d,)),
+            vectors=vectors,
+            weights=weights,
+            neuron_idx=_pad_rows([p.neuron_idx for p in plans], N, ()).to(torch.int32),
+            neuron_val=neuron_val,
+            condition=_pad_rows(cond, 1 if has_condition else 0, (d,)),
+            monitor=_pad_rows([p.monitors for p in plans], self.num_monitors, (d,)),
+        )
 
 
 def as_bank(plan) -> SteeringBank:
