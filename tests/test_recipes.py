@@ -188,11 +188,17 @@ def test_ablation_removes_the_direction_from_every_residual_state():
     model, tok = tiny_lm.llama(), tiny_lm.tokenizer()
     u = torch.randn(32)
     ids = tok(["the cat is happy"], return_tensors="pt")["input_ids"]
+    seen = []  # what layer 0's first norm and the final norm receive: the first and last residual states
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+             for m in (model.model.layers[0].input_layernorm, model.model.norm)]
     with recipes.ablate_direction(model, u, backend="reference"), torch.no_grad():
         hs = model(ids, output_hidden_states=True).hidden_states
+    for h in hooks:
+        h.remove()
     unit = u / u.norm()
-    for h in hs[:-1]:  # the last entry is after the final norm
-        assert float((h @ unit).abs().max()) < 1e-4
+    for h in [*seen, *hs[1:-1]]:  # hidden_states[0] is recorded before layer 0 steers its input
+        assert float((h @ unit).abs().max()) < 1e-5
+    assert float((hs[0] @ unit).abs().max()) > 1e-3  # the embeddings themselves did have the component
     with pytest.raises(ValueError, match="direction has hidden size 16"):
         recipes.ablate_direction(model, torch.randn(16))
 
@@ -368,3 +374,23 @@ def test_property_affine_map_moves_the_source_mean_to_the_target_mean(ns, nt, d,
                                    rtol=1e-4, atol=1e-4)
     else:  # quantile: monotone (non-negative slope), since both quantile sequences are sorted
         assert bool((scale >= 0).all())
+
+
+@needs_program
+def test_persona_monitor_logs_projections_of_prompt_and_generated_tokens():
+    model, tok = tiny_lm.llama(), tiny_lm.tokenizer()
+    v = torch.randn(32)
+    ids = tok(["the cat is happy", "I hate you very"], return_tensors="pt")["input_ids"]
+    gen = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        plain = model.generate(ids, **gen)
+    with recipes.PersonaMonitor(model, {0: v}, backend="reference") as mon, torch.no_grad():
+        model.generate(ids, **gen)  # a first generation, discarded by the next prefill
+        out = model.generate(ids, **gen)
+        proj = mon.projections()[0]
+    assert torch.equal(out, plain)  # monitoring does not change the generation
+    with torch.no_grad():  # independent: one uncached forward over every token the model consumed
+        h = model(out[:, :-1], output_hidden_states=True).hidden_states[1]
+    assert proj.shape == (2, ids.shape[1] + 2)
+    torch.testing.assert_close(proj, h @ (v / v.norm()), rtol=1e-4, atol=1e-4)
+    assert get_handle(model) is None

@@ -253,7 +253,8 @@ class PatchHandle:
         if slot is not None:
             slot = slot.to(x.device).reshape(x.shape[:-1])
         in_place = in_place and x.is_contiguous() and not (torch.is_grad_enabled() and x.requires_grad)
-        result = steer(x, site.bank, slot=slot, gate=gate, out=x if in_place else None, backend=self.backend)
+        result = steer(x, site.bank, slot=slot, gate=gate, out=x if in_place else None, backend=self.backend,
+                       return_monitors=site.bank.num_monitors > 0)  # monitors -> _collect (recipes branch)
         return self._collect(layer, site, result)
 
     def _collect(self, layer: int, site: SteeringSite, result):

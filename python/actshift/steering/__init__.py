@@ -14,6 +14,7 @@ from .recipes import (
     compose,
     fit_affine,
     mean_difference,
+    PersonaMonitor,
     monitor_sites,
     neuron_plan,
     neuron_scores,
@@ -28,5 +29,5 @@ __all__ = [
     "mean_difference", "pca_direction", "caa_vectors", "pca_vectors", "plans_from_vectors",
     "actadd_vectors", "actadd_sites", "ablation_sites", "ablate_direction", "fit_affine", "affine_plan",
     "neuron_scores", "select_neurons", "neuron_plan", "cast_similarity", "ConditionalSteering",
-    "monitor_sites", "compose",
+    "monitor_sites", "PersonaMonitor", "compose",
 ]

@@ -310,9 +310,11 @@ def neuron_plan(positive: torch.Tensor, negative: torch.Tensor, k: int, *, mode:
     if mode not in ("set", "multiply"):
         raise ValueError(f'mode must be "set" or "multiply", got {mode!r}')
     idx = select_neurons(positive, negative, k, score)
+    # A plan of neurons alone has no hidden size; a zero add vector pins d (adding 0 is exact).
+    base = SteeringPlan(add=torch.zeros(positive.shape[1]), strength=strength)
     if mode == "set":
-        return SteeringPlan(strength=strength).neurons(idx, mul=0.0, add=positive.double().mean(0)[idx].float())
-    return SteeringPlan(strength=strength).neurons(idx, mul=factor, add=0.0)
+        return base.neurons(idx, mul=0.0, add=positive.double().mean(0)[idx].float())
+    return base.neurons(idx, mul=factor, add=0.0)
 
 
 # --- CAST: conditional steering decided once per prompt --------------------------------------------
@@ -429,6 +431,58 @@ def monitor_sites(vectors: Mapping[int, torch.Tensor]) -> list:
         v = _check_vector(v, None, f"vectors[{layer}]")
         sites.append(SteeringSite(plan=SteeringPlan().monitor(v / v.norm()), layers=[layer]))
     return sites
+
+
+class PersonaMonitor:
+    """Persona monitoring over whole generations (persona-vectors style): patches `model` with
+    `monitor_sites(vectors)` and keeps every forward's per-token projections, so after a
+    `model.generate(...)` `projections()` gives {layer: [batch, tokens]} for the prompt and every
+    generated token that went through the model (all but the last). A new prefill starts a new log.
+    Use it as a context manager or call `close()`.
+    """
+
+    def __init__(self, model, vectors: Mapping[int, torch.Tensor], *, backend: str = "auto"):
+        from ..integrations.transformers import patch
+
+        d = hidden_size(model)
+        n = len(decoder_layers(model))
+        for layer, v in vectors.items() if isinstance(vectors, Mapping) else ():
+            check_layers(layer, n, "vectors")
+            _check_vector(v, d, f"vectors[{layer}]")
+        sites = monitor_sites(vectors)
+        self.layers = [site.layers[0] % n for site in sites]
+        self.handle = patch(model, steering=sites, backend=backend)
+        self._log: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
+        self._remove_step = self.handle.on_step(self._on_step)
+
+    def _take(self, keep: bool) -> None:
+        for layer in self.layers:
+            m = self.handle.monitors.pop((layer, "block_output"), None)
+            if m is not None and keep:
+                self._log[layer].append(m[..., 0].detach().float().cpu())
+
+    def _on_step(self, handle, step) -> None:
+        new_generation = step.past_length == 0
+        self._take(keep=not new_generation)
+        if new_generation:
+            for log in self._log.values():
+                log.clear()
+
+    def projections(self) -> dict[int, torch.Tensor]:
+        """{layer: [batch, tokens] fp32} of the current generation (or forward) so far."""
+        self._take(keep=True)
+        return {layer: torch.cat(log, dim=-1) if log else torch.empty(0) for layer, log in self._log.items()}
+
+    def close(self) -> None:
+        """Unpatches the model."""
+        self._remove_step()
+        self.handle.unpatch()
+
+    def __enter__(self) -> PersonaMonitor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # --- dynamic composition -----------------------------------------------------------------------------
