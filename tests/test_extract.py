@@ -111,3 +111,19 @@ def test_property_pooling_ignores_padding_on_either_side(lengths, left, d):
     torch.testing.assert_close(_pool(h, mask, "last"), torch.stack([r[-1] for r in rows]))
     torch.testing.assert_close(_pool(h, mask, "mean"), torch.stack([r.mean(0) for r in rows]))
     torch.testing.assert_close(_pool(h, mask, None), torch.cat(rows))
+
+
+def test_bert_encoder_layers_with_right_padding():
+    from transformers import BertConfig, BertModel
+
+    model = BertModel(BertConfig(vocab_size=30, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=64, max_position_embeddings=32)).eval()
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    acts = extract_activations(model, {"input_ids": ids, "attention_mask": mask}, [0, 1], pooling="mean",
+                               progress=False)
+    for b, n in enumerate((4, 2)):
+        with torch.no_grad():
+            hs = model(ids[b:b + 1, :n], output_hidden_states=True).hidden_states
+        for layer in (0, 1):
+            torch.testing.assert_close(acts[layer][b], hs[layer + 1][0].mean(0), rtol=1e-5, atol=1e-5)

@@ -205,7 +205,7 @@ def extract_activations(
     layers = check_layers(layers, len(blocks))
     batches = list(_batches(inputs, tokenizer, batch_size))
     total = sum(ids.shape[0] for ids, _ in batches)
-    takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+    params = inspect.signature(model.forward).parameters
 
     captured: dict[int, torch.Tensor] = {}
     deepest = layers[-1]
@@ -235,8 +235,10 @@ def extract_activations(
                     lambda m, a, k, o, f=make_hook(layer, False): f(m, a, k, o), with_kwargs=True))
         device = next(model.parameters()).device
         for ids, mask in batches:
-            kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
-            if takes_positions:  # positions count real tokens only, so left padding changes nothing
+            kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+            if "use_cache" in params:
+                kwargs["use_cache"] = False
+            if "position_ids" in params:  # positions count real tokens only, so left padding changes nothing
                 kwargs["position_ids"] = (mask.long().cumsum(1) - 1).clamp(min=0).to(device)
             captured.clear()
             with torch.inference_mode():
