@@ -165,6 +165,21 @@ def test_second_instance_and_class_unaffected():
     assert torch.equal(run(a, ids), base)
 
 
+def test_patched_model_can_be_garbage_collected_and_submodule_calls_are_caught():
+    import gc
+    import weakref
+
+    model = tiny("llama")
+    site = actshift.SteeringSite(actshift.SteeringPlan(add=torch.randn(D)), positions="prompt")
+    handle = actshift.patch(model, steering=site)
+    with pytest.raises(RuntimeError, match="patched model itself"):
+        model.model(torch.randint(3, 100, (1, 3)))  # bypasses the step tracking of the patched model
+    ref = weakref.ref(model)
+    del model, handle  # no global registry keeps a patched model alive
+    gc.collect()
+    assert ref() is None
+
+
 def test_steering_never_mutates_tensors_the_model_keeps():
     model = tiny("llama")
     ids = torch.randint(3, 100, (1, 5))

@@ -11,7 +11,6 @@ swapped modules.
 """
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -110,6 +109,7 @@ class PatchHandle:
         self._weights: dict[str | None, torch.Tensor] = {}
         self._callbacks: list[Callable[[PatchHandle, Step], None]] = []
         self._pinned_prompt: int | None = None
+        self._seen_prompt: int | None = None  # prompt length of the last prefill
         self._needs_step = False
 
     # --- extension point -------------------------------------------------------------------------
@@ -126,8 +126,8 @@ class PatchHandle:
         return self
 
     def __exit__(self, *exc) -> None:
-        if _HANDLES.get(self.model) is self:
-            self.unpatch()
+        if get_handle(self.model) is self:
+            unpatch(self.model)
 
     # --- per-request controls --------------------------------------------------------------------
 
@@ -185,17 +185,19 @@ class PatchHandle:
     # --- runtime ---------------------------------------------------------------------------------
 
     def _begin_forward(self, kwargs: dict) -> None:
-        if not self._needs_step and not self._callbacks:
-            return
         cache = kwargs.get("past_key_values")
         past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
         prompt = self._pinned_prompt
         if prompt is None and past > 0:  # a decode step: the prefill's length, else all cached tokens
-            known = self.step.prompt_length if self.step is not None else None
-            prompt = known if known is not None else past
+            prompt = self._seen_prompt if self._seen_prompt is not None else past
         self.step = Step(past_length=past, prompt_length=prompt)
         for fn in list(self._callbacks):
             fn(self, self.step)
+
+    def _end_forward(self) -> None:
+        if self.step.past_length == 0 and self._pinned_prompt is None:
+            self._seen_prompt = self.step.prompt_length
+        self.step = None  # a later call that bypasses the patched model must not see a stale step
 
     def _gate(self, site: SteeringSite, batch: int, seq: int, device) -> torch.Tensor | None | bool:
         """Per-row multiplier [batch, seq] for this call, None for "all rows fully", False for none."""
@@ -275,7 +277,8 @@ def _store(buffer: torch.Tensor | None, value: torch.Tensor | None) -> torch.Ten
     return value.detach().clone()
 
 
-_HANDLES: weakref.WeakKeyDictionary[torch.nn.Module, PatchHandle] = weakref.WeakKeyDictionary()
+# The handle lives on the patched instance (no global registry, so a patched model can be freed).
+_HANDLE_ATTR = "_actshift_patch"
 
 
 # --- locating the sites ---------------------------------------------------------------------------
@@ -387,8 +390,12 @@ def patch_steering(model: torch.nn.Module, steering, handle: PatchHandle) -> Non
 
     def begin(fwd):
         def forward(*args, **kwargs):
+            if not handle._needs_step:  # positions "all" and no callbacks: nothing to track
+                return fwd(*args, **kwargs)
             handle._begin_forward(kwargs)
-            return fwd(*args, **kwargs)
+            out = fwd(*args, **kwargs)
+            handle._end_forward()
+            return out
 
         return forward
 
@@ -451,7 +458,7 @@ def patch(model: torch.nn.Module, *, steering=None, sparsity=None, ffn=None, bac
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if model in _HANDLES:
+    if get_handle(model) is not None:
         raise ValueError("model is already patched; call actshift.unpatch(model) first")
     handle = PatchHandle(model, backend)
     specs = {"sparsity": sparsity, "ffn": ffn, "steering": steering}
@@ -462,7 +469,7 @@ def patch(model: torch.nn.Module, *, steering=None, sparsity=None, ffn=None, bac
     except BaseException:
         _undo_all(handle)
         raise
-    _HANDLES[model] = handle
+    model.__dict__[_HANDLE_ATTR] = handle
     return handle
 
 
@@ -473,7 +480,7 @@ def _undo_all(handle: PatchHandle) -> None:
 
 def unpatch(model: torch.nn.Module) -> None:
     """Reverts `patch`: the model's modules and forwards are exactly the original ones again."""
-    handle = _HANDLES.pop(model, None)
+    handle = model.__dict__.pop(_HANDLE_ATTR, None) if isinstance(model, torch.nn.Module) else None
     if handle is None:
         raise ValueError("model is not patched by actshift")
     _undo_all(handle)
@@ -481,4 +488,4 @@ def unpatch(model: torch.nn.Module) -> None:
 
 def get_handle(model: torch.nn.Module) -> PatchHandle | None:
     """The handle of a patched model, or None."""
-    return _HANDLES.get(model)
+    return model.__dict__.get(_HANDLE_ATTR)
