@@ -242,6 +242,19 @@ def test_cached_generation_equals_recomputation(positions):
     assert not torch.equal(seq, plain) or positions == "prompt"
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "qwen3", "gemma3_text", "phi3"])
+def test_cached_generation_equals_recomputation_other_architectures(arch):
+    model = tiny(arch)
+    ids = torch.randint(3, 100, (2, 5))
+    site = actshift.SteeringSite(actshift.SteeringPlan(add=torch.randn(D), strength=8.0), positions="generated")
+    with actshift.patch(model, steering=site) as handle:
+        seq, logits = greedy(model, ids, 4)
+        handle.set_prompt_length(ids.shape[1])
+        seq2, logits2 = greedy_without_cache(model, ids, 4)
+    assert torch.equal(seq, seq2)
+    torch.testing.assert_close(logits, logits2, rtol=1e-4, atol=1e-4)
+
+
 def test_left_padded_batch_equals_each_request_alone():
     model = tiny("llama")
     prompts = [torch.randint(3, 100, (5,)), torch.randint(3, 100, (8,))]
