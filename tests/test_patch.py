@@ -138,7 +138,7 @@ def test_mapping_and_list_specs_stack():
     for h in hooks:
         h.remove()
     plan1 = actshift.SteeringPlan(add=v1)
-    specs = [actshift.SteeringSite(actshift.SteeringPlan(add=v0), layers=[0]),
+    specs = [actshift.SteeringSite(actshift.SteeringPlan(add=v0), layers=range(1)),
              actshift.SteeringSite(plan1, layers=[1], site="mlp_output"),
              actshift.SteeringSite(actshift.SteeringPlan(add=v1, strength=2.0), layers=[-1], site="mlp_output")]
     with actshift.patch(model, steering=specs):

@@ -11,7 +11,8 @@ swapped modules.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import operator
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -302,11 +303,13 @@ def locate_layers(model: torch.nn.Module) -> tuple[Locator, torch.nn.ModuleList]
 def _resolve_layers(layers, n: int) -> list[int]:
     if layers is None:
         return list(range(n))
-    items = [layers] if isinstance(layers, int) else list(layers)
+    items = list(layers) if isinstance(layers, Iterable) else [layers]
     out = []
     for i in items:
-        if isinstance(i, bool) or not isinstance(i, int):
-            raise TypeError(f"layers must be ints, got {type(i).__name__}")
+        try:
+            i = operator.index(i)  # ints, numpy ints, 0-d int tensors; not floats
+        except TypeError:
+            raise TypeError(f"layers must be ints, got {type(i).__name__}") from None
         if not -n <= i < n:
             raise ValueError(f"layer {i} is out of range for a model with {n} layers")
         out.append(i % n)
