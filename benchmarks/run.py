@@ -7,9 +7,11 @@ import sys
 import torch
 
 from . import bench_percentile, bench_steer
+from . import bench_decode  # model patching: decode tokens/s with steering (separate block for merging)
 from .harness import Result, Timer, derived, environment, plot, table, write_csv
 
 OPS = {"steer": bench_steer, "percentile": bench_percentile}
+OPS["decode"] = bench_decode
 
 
 def run(ops: list[str] | None, device: str | None, quick: bool, out_dir: str) -> int:
@@ -35,6 +37,9 @@ def run(ops: list[str] | None, device: str | None, quick: bool, out_dir: str) ->
     derived(results)
     print()
     print(table(results))
+    for name in ops or OPS:  # ops that report more than the table (e.g. decode tokens/s)
+        if hasattr(OPS[name], "summary"):
+            print(OPS[name].summary(results))
     os.makedirs(out_dir, exist_ok=True)
     csv_path = os.path.join(out_dir, f"{device}.csv")
     write_csv(csv_path, results, env)

@@ -138,7 +138,7 @@ def test_mapping_and_list_specs_stack():
     for h in hooks:
         h.remove()
     plan1 = actshift.SteeringPlan(add=v1)
-    specs = [actshift.SteeringSite(actshift.SteeringPlan(add=v0), layers=[0]),
+    specs = [actshift.SteeringSite(actshift.SteeringPlan(add=v0), layers=range(1)),
              actshift.SteeringSite(plan1, layers=[1], site="mlp_output"),
              actshift.SteeringSite(actshift.SteeringPlan(add=v1, strength=2.0), layers=[-1], site="mlp_output")]
     with actshift.patch(model, steering=specs):
@@ -163,6 +163,21 @@ def test_second_instance_and_class_unaffected():
         assert torch.equal(run(b, ids), base)
         assert type(a.model.layers[0]).forward is cls_forward and "forward" not in b.model.layers[0].__dict__
     assert torch.equal(run(a, ids), base)
+
+
+def test_patched_model_can_be_garbage_collected_and_submodule_calls_are_caught():
+    import gc
+    import weakref
+
+    model = tiny("llama")
+    site = actshift.SteeringSite(actshift.SteeringPlan(add=torch.randn(D)), positions="prompt")
+    handle = actshift.patch(model, steering=site)
+    with pytest.raises(RuntimeError, match="patched model itself"):
+        model.model(torch.randint(3, 100, (1, 3)))  # bypasses the step tracking of the patched model
+    ref = weakref.ref(model)
+    del model, handle  # no global registry keeps a patched model alive
+    gc.collect()
+    assert ref() is None
 
 
 def test_steering_never_mutates_tensors_the_model_keeps():
@@ -225,6 +240,19 @@ def test_cached_generation_equals_recomputation(positions):
     assert torch.equal(seq, seq2)
     torch.testing.assert_close(logits, logits2, rtol=1e-4, atol=1e-4)
     assert not torch.equal(seq, plain) or positions == "prompt"
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "qwen3", "gemma3_text", "phi3"])
+def test_cached_generation_equals_recomputation_other_architectures(arch):
+    model = tiny(arch)
+    ids = torch.randint(3, 100, (2, 5))
+    site = actshift.SteeringSite(actshift.SteeringPlan(add=torch.randn(D), strength=8.0), positions="generated")
+    with actshift.patch(model, steering=site) as handle:
+        seq, logits = greedy(model, ids, 4)
+        handle.set_prompt_length(ids.shape[1])
+        seq2, logits2 = greedy_without_cache(model, ids, 4)
+    assert torch.equal(seq, seq2)
+    torch.testing.assert_close(logits, logits2, rtol=1e-4, atol=1e-4)
 
 
 def test_left_padded_batch_equals_each_request_alone():
@@ -352,7 +380,6 @@ def test_cuda_graph_decode_step_matches_eager(backend):
             expected2 = model(input_ids=tok, past_key_values=eager_cache, use_cache=True).logits
             graph.replay()
             torch.testing.assert_close(out, expected2, rtol=1e-3, atol=1e-3)
-    assert not torch.allclose(expected2[:2], expected[:2], atol=1e-2)
 
 
 # --- bad input ------------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ swapped modules.
 """
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable, Mapping, Sequence
+import operator
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -110,6 +110,7 @@ class PatchHandle:
         self._weights: dict[str | None, torch.Tensor] = {}
         self._callbacks: list[Callable[[PatchHandle, Step], None]] = []
         self._pinned_prompt: int | None = None
+        self._seen_prompt: int | None = None  # prompt length of the last prefill
         self._needs_step = False
 
     # --- extension point -------------------------------------------------------------------------
@@ -126,8 +127,8 @@ class PatchHandle:
         return self
 
     def __exit__(self, *exc) -> None:
-        if _HANDLES.get(self.model) is self:
-            self.unpatch()
+        if get_handle(self.model) is self:
+            unpatch(self.model)
 
     # --- per-request controls --------------------------------------------------------------------
 
@@ -185,16 +186,19 @@ class PatchHandle:
     # --- runtime ---------------------------------------------------------------------------------
 
     def _begin_forward(self, kwargs: dict) -> None:
-        if not self._needs_step and not self._callbacks:
-            return
         cache = kwargs.get("past_key_values")
         past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
         prompt = self._pinned_prompt
-        if prompt is None:
-            prompt = None if past == 0 else (self.step.prompt_length if self.step else None)
+        if prompt is None and past > 0:  # a decode step: the prefill's length, else all cached tokens
+            prompt = self._seen_prompt if self._seen_prompt is not None else past
         self.step = Step(past_length=past, prompt_length=prompt)
         for fn in list(self._callbacks):
             fn(self, self.step)
+
+    def _end_forward(self) -> None:
+        if self.step.past_length == 0 and self._pinned_prompt is None:
+            self._seen_prompt = self.step.prompt_length
+        self.step = None  # a later call that bypasses the patched model must not see a stale step
 
     def _gate(self, site: SteeringSite, batch: int, seq: int, device) -> torch.Tensor | None | bool:
         """Per-row multiplier [batch, seq] for this call, None for "all rows fully", False for none."""
@@ -204,7 +208,7 @@ class PatchHandle:
             step = self.step
             if step is None:
                 raise RuntimeError("positions other than 'all' need the forward to go through the patched model itself")
-            if step.prompt_length is None:  # the prefill defines the prompt
+            if step.prompt_length is None:  # a prefill (empty cache): its tokens are the prompt
                 step.prompt_length = seq
             past, prompt = step.past_length, step.prompt_length
             if isinstance(positions, torch.Tensor):
@@ -275,7 +279,8 @@ def _store(buffer: torch.Tensor | None, value: torch.Tensor | None) -> torch.Ten
     return value.detach().clone()
 
 
-_HANDLES: weakref.WeakKeyDictionary[torch.nn.Module, PatchHandle] = weakref.WeakKeyDictionary()
+# The handle lives on the patched instance (no global registry, so a patched model can be freed).
+_HANDLE_ATTR = "_actshift_patch"
 
 
 # --- locating the sites ---------------------------------------------------------------------------
@@ -299,11 +304,13 @@ def locate_layers(model: torch.nn.Module) -> tuple[Locator, torch.nn.ModuleList]
 def _resolve_layers(layers, n: int) -> list[int]:
     if layers is None:
         return list(range(n))
-    items = [layers] if isinstance(layers, int) else list(layers)
+    items = list(layers) if isinstance(layers, Iterable) else [layers]
     out = []
     for i in items:
-        if isinstance(i, bool) or not isinstance(i, int):
-            raise TypeError(f"layers must be ints, got {type(i).__name__}")
+        try:
+            i = operator.index(i)  # ints, numpy ints, 0-d int tensors; not floats
+        except TypeError:
+            raise TypeError(f"layers must be ints, got {type(i).__name__}") from None
         if not -n <= i < n:
             raise ValueError(f"layer {i} is out of range for a model with {n} layers")
         out.append(i % n)
@@ -320,8 +327,7 @@ def _as_sites(steering) -> list[SteeringSite]:
         for layer, plan in steering.items():
             if isinstance(layer, bool) or not isinstance(layer, int):
                 raise TypeError(f"steering mapping keys must be layer indices (int), got {layer!r}")
-            sites.append(plan if isinstance(plan, SteeringSite) and plan.layers == layer
-                         else SteeringSite(plan=plan, layers=[layer]))
+            sites.append(SteeringSite(plan=plan, layers=[layer]))
         return sites
     if isinstance(steering, Sequence) and not isinstance(steering, (str, bytes)):
         if all(isinstance(s, SteeringSite) for s in steering) and steering:
@@ -388,8 +394,12 @@ def patch_steering(model: torch.nn.Module, steering, handle: PatchHandle) -> Non
 
     def begin(fwd):
         def forward(*args, **kwargs):
+            if not handle._needs_step:  # positions "all" and no callbacks: nothing to track
+                return fwd(*args, **kwargs)
             handle._begin_forward(kwargs)
-            return fwd(*args, **kwargs)
+            out = fwd(*args, **kwargs)
+            handle._end_forward()
+            return out
 
         return forward
 
@@ -452,7 +462,7 @@ def patch(model: torch.nn.Module, *, steering=None, sparsity=None, ffn=None, bac
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if model in _HANDLES:
+    if get_handle(model) is not None:
         raise ValueError("model is already patched; call actshift.unpatch(model) first")
     handle = PatchHandle(model, backend)
     specs = {"sparsity": sparsity, "ffn": ffn, "steering": steering}
@@ -463,7 +473,7 @@ def patch(model: torch.nn.Module, *, steering=None, sparsity=None, ffn=None, bac
     except BaseException:
         _undo_all(handle)
         raise
-    _HANDLES[model] = handle
+    model.__dict__[_HANDLE_ATTR] = handle
     return handle
 
 
@@ -474,7 +484,7 @@ def _undo_all(handle: PatchHandle) -> None:
 
 def unpatch(model: torch.nn.Module) -> None:
     """Reverts `patch`: the model's modules and forwards are exactly the original ones again."""
-    handle = _HANDLES.pop(model, None)
+    handle = model.__dict__.pop(_HANDLE_ATTR, None) if isinstance(model, torch.nn.Module) else None
     if handle is None:
         raise ValueError("model is not patched by actshift")
     _undo_all(handle)
@@ -482,4 +492,4 @@ def unpatch(model: torch.nn.Module) -> None:
 
 def get_handle(model: torch.nn.Module) -> PatchHandle | None:
     """The handle of a patched model, or None."""
-    return _HANDLES.get(model)
+    return model.__dict__.get(_HANDLE_ATTR)
