@@ -11,9 +11,6 @@ from actshift.integrations.transformers import get_handle
 from actshift.steering import recipes
 from actshift.steering.plan import SteeringPlan
 
-needs_program = pytest.mark.skipif(not hasattr(SteeringPlan, "ablate"),
-                                   reason="needs the full steer program (branch steer-program) merged")
-
 PAIRS = [("I love you", "I hate you"), ("the dog is happy", "the dog is sad"),
          ("we love it", "we hate it"), ("good cat", "bad cat")]
 
@@ -143,7 +140,6 @@ def test_fit_affine_quantile_is_least_squares_of_sorted_values():
     assert scale_u.shape == (8,) and bool(torch.isfinite(scale_u).all())
 
 
-@needs_program
 def test_affine_plan_applies_the_map():
     source, target = torch.randn(50, 8), torch.randn(50, 8) * 2 + 1
     scale, bias = recipes.fit_affine(source, target)
@@ -168,7 +164,6 @@ def test_neuron_scores_and_selection_against_numpy():
         recipes.select_neurons(pos, neg, 0)
 
 
-@needs_program
 def test_neuron_plan_sets_or_multiplies_the_selected_neurons():
     pos, neg = torch.randn(30, 20), torch.randn(30, 20)
     pos[:, 5] += 6
@@ -183,7 +178,6 @@ def test_neuron_plan_sets_or_multiplies_the_selected_neurons():
 # --- directional ablation and monitors ---------------------------------------------------------------------
 
 
-@needs_program
 def test_ablation_removes_the_direction_from_every_residual_state():
     model, tok = tiny_lm.llama(), tiny_lm.tokenizer()
     u = torch.randn(32)
@@ -203,7 +197,6 @@ def test_ablation_removes_the_direction_from_every_residual_state():
         recipes.ablate_direction(model, torch.randn(16))
 
 
-@needs_program
 def test_monitor_plan_reads_the_projection():
     v = torch.randn(32)
     (site,) = recipes.monitor_sites({1: v})
@@ -376,7 +369,6 @@ def test_property_affine_map_moves_the_source_mean_to_the_target_mean(ns, nt, d,
         assert bool((scale >= 0).all())
 
 
-@needs_program
 def test_persona_monitor_logs_projections_of_prompt_and_generated_tokens():
     model, tok = tiny_lm.llama(), tiny_lm.tokenizer()
     v = torch.randn(32)

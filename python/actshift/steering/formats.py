@@ -115,6 +115,8 @@ def save(path: str | os.PathLike, data, *, model=None, method: str | None = None
         d = sizes.pop()
     else:
         raise TypeError(f"data must be a SteeringPlan or a dict {{layer: tensor | SteeringPlan}}, got {type(data).__name__}")
+    if d is None:
+        raise ValueError("data: a plan without a vector part has no hidden size to record")
     if "hidden_size" in meta and int(meta["hidden_size"]) != d:
         raise ValueError(f"data has hidden size {d} but the model has {meta['hidden_size']}")
     meta.update({"actshift.version": _version(), "hidden_size": str(d), "layers": json.dumps(layers)})
@@ -126,8 +128,6 @@ def save(path: str | os.PathLike, data, *, model=None, method: str | None = None
 def _build_plan(fields: dict, tensors: Mapping[str, torch.Tensor]) -> SteeringPlan:
     """Rebuilds a plan through its public constructor and builders, so loading validates it again."""
     st = {name: tensors[spec["tensor"]] if "tensor" in spec else spec["value"] for name, spec in fields.items()}
-    if "add" in st:  # the additive-only plan model (add, weights, strength)
-        return SteeringPlan(add=st["add"], weights=st.get("weights"), strength=st["strength"])
     plan = SteeringPlan(add=st.get("vectors"), weights=st.get("weights"), strength=st["strength"],
                         renorm=st.get("renorm", False))
     if st.get("directions") is not None:
