@@ -22,6 +22,8 @@ from .integrations.transformers import PatchHandle, SteeringSite, patch, unpatch
 from .steering import extract_activations
 from .steering import recipes
 # --- end steering recipes ---
+# sparse ops
+from .ops import cats_mlp, relu_ffn, sparse_linear, sparse_threshold  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -46,3 +48,4 @@ __all__ = [
     "extract_activations",
     "recipes",
 ]
+__all__ += ["sparse_threshold", "sparse_linear", "relu_ffn", "cats_mlp"]  # sparse ops
