@@ -55,7 +55,11 @@ _BLOCK_D = 256  # d per step: 512 contiguous bytes of each fp16 weight row
 @triton.jit
 def _rows_dot_weights(x_ptr, w_ptr, r, r_ok, f, f_load, d, x_stride, BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr):
     """[BLOCK_R, BLOCK_F] fp32: x[r] · w[f] over d, reading only the weight rows where f_load."""
-    acc = tl.zeros((r.shape[0], f.shape[0]), dtype=tl.float32)
+    # One row (GEMV) keeps a 2-D accumulator and reduces over d once at the end, not per step.
+    if USE_DOT:
+        acc = tl.zeros((r.shape[0], f.shape[0]), dtype=tl.float32)
+    else:
+        acc = tl.zeros((f.shape[0], BLOCK_D), dtype=tl.float32)
     for d0 in range(0, d, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         c_ok = cols < d
@@ -65,7 +69,9 @@ def _rows_dot_weights(x_ptr, w_ptr, r, r_ok, f, f_load, d, x_stride, BLOCK_D: tl
             # x and w share a dtype: fp16/bf16 products are exact in fp32; fp32 is an IEEE dot.
             acc += tl.dot(x, tl.trans(w), input_precision="ieee")
         else:
-            acc += tl.sum(x.to(tl.float32) * w.to(tl.float32), axis=1)[None, :]
+            acc += x.to(tl.float32) * w.to(tl.float32)
+    if not USE_DOT:
+        acc = tl.sum(acc, axis=1)[None, :]
     return acc
 
 
@@ -104,15 +110,16 @@ def _gate_up_kernel(
     g = _rows_dot_weights(x_ptr, wg_ptr, r, r_ok, f, f_ok, d, x_stride, BLOCK_D, USE_DOT)
     if HAS_B_GATE:
         g += tl.load(bg_ptr + f, mask=f_ok, other=0.0).to(tl.float32)[None, :]
-    # The gate factor a; a != 0 marks the active neurons.
+    # The gate factor a; a != 0 marks the active neurons. Zeroing where `<=` (not keeping where
+    # `>`) keeps a NaN gate, which then counts as active, as in the reference.
     if ACT == _FATRELU:
-        a = tl.where(g > threshold, g, 0.0)
+        a = tl.where(g <= threshold, 0.0, g)
     elif ACT == _RELU2:
         a = _relu(g)
         a = a * a
     elif ACT == _CATS:
         s = g / (1.0 + tl.exp(-g))
-        a = tl.where(tl.abs(s) > threshold, s, 0.0)
+        a = tl.where(tl.abs(s) <= threshold, 0.0, s)
     else:  # _RELU, _DRELU
         a = _relu(g)
     a = tl.where(r_ok[:, None] & f_ok[None, :], a, 0.0)  # padding rows/neurons: never active

@@ -85,8 +85,12 @@ def _splitk_kernel(
     n_ok = n < n_dim
     r_ok = r < rows
     k_start = tl.program_id(1).to(tl.int64) * k_blocks_per_program * BLOCK_K
-    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-    any_active = 0
+    # One row (GEMV) keeps a 2-D accumulator and reduces over K once at the end, not per block.
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    any_active = tl.full((), 0, tl.int32)
     for i in range(k_blocks_per_program):
         k = k_start + i * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = k < k_dim
@@ -111,9 +115,10 @@ def _splitk_kernel(
                 # against a fp16/bf16 weight) goes through an IEEE fp32 dot, never tf32.
                 acc += tl.dot(xs, w.to(xs.dtype), input_precision="ieee")
             else:
-                part = tl.sum(tl.reshape(xs, (BLOCK_K, 1)).to(tl.float32) * w.to(tl.float32), axis=0)
-                acc += part[None, :]
+                acc += tl.reshape(xs, (BLOCK_K, 1)).to(tl.float32) * w.to(tl.float32)
             any_active += n_union
+    if not USE_DOT:
+        acc = tl.sum(acc, axis=0)[None, :]
     if any_active > 0:
         tl.atomic_add(ws_ptr + r[:, None] * n_dim + n[None, :], acc, mask=r_ok[:, None] & n_ok[None, :], sem="relaxed")
 
