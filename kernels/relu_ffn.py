@@ -110,6 +110,9 @@ def _gate_up_kernel(
     g = _rows_dot_weights(x_ptr, wg_ptr, r, r_ok, f, f_ok, d, x_stride, BLOCK_D, USE_DOT)
     if HAS_B_GATE:
         g += tl.load(bg_ptr + f, mask=f_ok, other=0.0).to(tl.float32)[None, :]
+    # Eager Triton passes a Python float as fp32 but Inductor as fp64; compare in fp32 either way,
+    # as the reference does (torch rounds a Python scalar to the tensor's dtype).
+    threshold = tl.cast(threshold, tl.float32)
     # The gate factor a; a != 0 marks the active neurons. Zeroing where `<=` (not keeping where
     # `>`) keeps a NaN gate, which then counts as active, as in the reference.
     if ACT == _FATRELU:
