@@ -14,7 +14,7 @@ w_gate, w_up, w_down_t all [ffn, d] (w_down_t = down_proj.weight.t().contiguous(
 A neuron is active in a row iff its gate activation (the factor from g) is nonzero.
 
 Design, two kernels plus the split-K machinery of kernels/sparse_linear.py:
-1. `_gate_up_kernel`, one program per (block of BLOCK_F neurons, block of up to 16 rows): the dense
+1. `_gate_up_kernel`, one program per (block of BLOCK_F neurons, block of BLOCK_R rows): the dense
    gate GEMV over w_gate rows (contiguous along d) with the activation fused, then, in the same
    program, the up GEMV reading only the w_up rows of neurons active in some row of the block
    (masked loads: inactive rows cost no traffic; a block with no active neuron reads no w_up at
@@ -24,9 +24,10 @@ Design, two kernels plus the split-K machinery of kernels/sparse_linear.py:
 2. The down projection is `splitk_accumulate` over w_down_t with the predicate h != 0: the
    rows of w_down_t of neurons inactive in every row of a block are never read; fp32 atomics into
    a workspace, then `finalize` adds b_down and casts.
-Rows share each loaded weight tile (tl.dot for 2..16 rows), so a batch reads the union of its
-active neurons once. The op handles any row count in blocks of 16 rows; the public wrapper sends
-batches past its measured crossover to a dense product instead.
+Rows share each loaded weight tile (tl.dot for 2..8 rows), so a batch reads the union of its
+active neurons once. Past 8 rows (MAX_SPARSE_ROWS) the gate/up kernel switches to 64-row tiles
+(the down projection past 16): the dense fallback, still fp32 throughout (a cuBLAS product would
+round g, u or h to x's dtype).
 
 The launchers do no validation and no host synchronisation, so they run inside
 `torch.library.triton_op`, torch.compile(fullgraph=True) and CUDA graphs.
@@ -47,9 +48,26 @@ _RELU2 = tl.constexpr(2)
 _DRELU = tl.constexpr(3)
 _CATS = tl.constexpr(4)
 
-_BLOCK_R = 16  # rows per program (tl.dot's minimum M); one row uses a plain GEMV instead
-_BLOCK_F = 16  # neurons per program: ffn 11008..28672 gives 688..1792 programs at decode
-_BLOCK_D = 256  # d per step: 512 contiguous bytes of each fp16 weight row
+# The contract's crossover: the union of active neurons is taken over at most this many rows.
+# Not measured on a GPU (none was available to this branch): sparsity.md section 7.3 puts the
+# union of 8 rows at ~57% density for 90%-sparse ReLU models, and ProSparse's batched kernel
+# stops beating dense at 5 rows.
+MAX_SPARSE_ROWS = 8
+
+
+def _tiles(rows: int) -> tuple:
+    """(BLOCK_R, BLOCK_F, BLOCK_D, USE_DOT) of the gate/up kernel for `rows` rows.
+
+    One row: a plain GEMV over 16 neurons per program (ffn 11008..28672 gives 688..1792 programs
+    at decode), 256 d per step (512 contiguous bytes of each fp16 weight row). 2..8 rows: one
+    tl.dot tile of 16 rows (its minimum M). More rows: 64 x 64 tiles, a dense tiled GEMM in
+    practice (the union over 64 rows is nearly dense) that keeps g, u and h in fp32.
+    """
+    if rows == 1:
+        return 1, 16, 256, False
+    if rows <= MAX_SPARSE_ROWS:
+        return 16, 16, 256, True
+    return 64, 64, 64, True
 
 
 @triton.jit
@@ -156,10 +174,9 @@ def gate_up(
     h = torch.empty((rows, ffn), dtype=torch.float32, device=x.device)
     if rows == 0 or ffn == 0:
         return h
-    use_dot = rows > 1
-    block_r = _BLOCK_R if use_dot else 1
-    block_d = max(16, min(_BLOCK_D, triton.next_power_of_2(d)))
-    grid = (triton.cdiv(ffn, _BLOCK_F), triton.cdiv(rows, block_r))
+    block_r, block_f, block_d, use_dot = _tiles(rows)
+    block_d = max(16, min(block_d, triton.next_power_of_2(d)))
+    grid = (triton.cdiv(ffn, block_f), triton.cdiv(rows, block_r))
     wrap_triton(_gate_up_kernel)[grid](
         x,
         w_gate,
@@ -177,7 +194,7 @@ def gate_up(
         HAS_B_GATE=b_gate is not None,
         HAS_B_UP=b_up is not None,
         BLOCK_R=block_r,
-        BLOCK_F=_BLOCK_F,
+        BLOCK_F=block_f,
         BLOCK_D=block_d,
         USE_DOT=use_dot,
         num_warps=4,

@@ -19,10 +19,10 @@ Design (batch 1..16 decode is memory-bound, so the goal is to read only the need
   bf16 output (Triton has no bf16 atomic_add, and fp16 atomics round every partial sum); a
   second small kernel adds the bias and casts. A K range with no active channel issues no
   atomics at all.
-- Rows are tiled in blocks of 16 on grid axis 2. The op itself uses a single block (rows <= 16)
+- Rows are tiled on grid axis 2 (see `_tiles`). The op itself uses a single block (rows <= 16)
   and falls back to a dense cuBLAS/ATen product of the thresholded x for more rows, where the
   union is close to dense (see sparsity.md section 7.3) and a GEMM wins. relu_ffn's down
-  projection calls `splitk_accumulate` directly, with several row blocks when it has to.
+  projection calls `splitk_accumulate` directly, with 64-row blocks past 16 rows.
 
 The launchers do no validation and no host synchronisation (no data-dependent branch either), so
 they run inside `torch.library.triton_op`, under torch.compile(fullgraph=True) and CUDA graphs.
@@ -52,11 +52,23 @@ _NONZERO = tl.constexpr(0)  # active iff x != 0 (relu_ffn's h: zero exactly for 
 _SCALAR = tl.constexpr(1)  # active iff |x| > t, one t
 _PER_CHANNEL = tl.constexpr(2)  # active iff |x| > t[k]
 
-# Tile sizes. Rows are padded to 16 for tl.dot (its minimum M on tensor cores); a single row uses a
-# broadcast-multiply-sum instead (a GEMV: 16x fewer FLOPs, and no padding rows in registers).
-_BLOCK_R = 16
-_BLOCK_N = 256  # 512 bytes of fp16 per weight row and program: whole sectors, coalesced
 _BLOCK_K = 32
+
+
+def _tiles(rows: int) -> tuple:
+    """(BLOCK_R, BLOCK_N, USE_DOT) for `rows` rows.
+
+    One row: a broadcast-multiply-sum (a GEMV: no padding rows, 16x fewer FLOPs than a dot).
+    2..16 rows: one tl.dot tile of 16 rows (its minimum M on tensor cores), all rows sharing each
+    weight tile. More rows (only relu_ffn's down projection gets here): 64-row tiles, a dense
+    tiled GEMM in practice, since the union of 64 rows' active sets is nearly dense.
+    BLOCK_N 256 is 512 bytes of fp16 per weight row and program: whole sectors, coalesced.
+    """
+    if rows == 1:
+        return 1, 256, False
+    if rows <= MAX_SPARSE_ROWS:
+        return 16, 256, True
+    return 64, 128, True
 # Aim for about this many programs: a few per SM on an H100 (132 SMs), so the memory system stays
 # busy, while each program covers several K blocks and issues fewer atomics.
 _TARGET_PROGRAMS = 1024
@@ -136,7 +148,7 @@ def _finalize_kernel(ws_ptr, bias_ptr, y_ptr, n_dim, HAS_BIAS: tl.constexpr, BLO
 
 def splitk_accumulate(x: torch.Tensor, weight_t: torch.Tensor, threshold: Optional[torch.Tensor]) -> torch.Tensor:
     """The fp32 product [rows, N] of the thresholded x [rows, K] with weight_t [K, N], reading only
-    the weight rows of channels active in some row of each block of 16 rows.
+    the weight rows of channels active in some row of each block of rows (all rows up to 16).
 
     threshold None means "active iff x != 0" (for relu_ffn's fp32 h, whose zeros mark inactive
     neurons); otherwise an fp32 tensor of numel 1 or K. x's last dim and weight_t are contiguous;
@@ -147,10 +159,11 @@ def splitk_accumulate(x: torch.Tensor, weight_t: torch.Tensor, threshold: Option
     ws = torch.zeros((rows, n_dim), dtype=torch.float32, device=x.device)
     if rows == 0 or k_dim == 0 or n_dim == 0:
         return ws
-    block_n = max(16, min(_BLOCK_N, triton.next_power_of_2(n_dim)))
+    block_r, block_n, use_dot = _tiles(rows)
+    block_n = max(16, min(block_n, triton.next_power_of_2(n_dim)))
     block_k = max(16, min(_BLOCK_K, triton.next_power_of_2(k_dim)))
     n_blocks = triton.cdiv(n_dim, block_n)
-    r_blocks = triton.cdiv(rows, _BLOCK_R)
+    r_blocks = triton.cdiv(rows, block_r)
     k_blocks = triton.cdiv(k_dim, block_k)
     # Spread the K blocks over enough programs to fill the GPU; shapes only, so the choice stays
     # static under torch.compile.
@@ -161,7 +174,6 @@ def splitk_accumulate(x: torch.Tensor, weight_t: torch.Tensor, threshold: Option
         mode = 0
     else:
         mode = 1 if threshold.numel() == 1 else 2
-    use_dot = rows > 1
     wrap_triton(_splitk_kernel)[(n_blocks, splits, r_blocks)](
         x,
         weight_t,
@@ -173,7 +185,7 @@ def splitk_accumulate(x: torch.Tensor, weight_t: torch.Tensor, threshold: Option
         x.stride(0),
         per_program,
         MODE=mode,
-        BLOCK_R=_BLOCK_R if use_dot else 1,
+        BLOCK_R=block_r,
         BLOCK_K=block_k,
         BLOCK_N=block_n,
         USE_DOT=use_dot,
