@@ -40,12 +40,11 @@ from .sparse_threshold import sparse_threshold
 # contract's batch limit (union of active inputs across at most 16 rows).
 MAX_SPARSE_ROWS = 16
 
-# No union-density fallback for Triton: deciding it needs the union's size on the host (a device
-# sync, which breaks CUDA graphs and fullgraph torch.compile), while this kernel at full union
-# density reads exactly the bytes of a dense GEMV (plus the x loads and fp32 atomics), so the
-# most a density switch could win is that overhead. Not yet measured on a GPU (none was available
-# to this branch); the bandwidth model says the crossover is at or near density 1.
-DENSE_UNION_DENSITY = 1.0
+# No union-density fallback on Triton (its crossover density is 1): deciding it needs the union's
+# size on the host (a device sync, which breaks CUDA graphs and fullgraph torch.compile), while
+# this kernel at full union density reads exactly the bytes of a dense GEMV (plus the x loads and
+# fp32 atomics), so the most a density switch could win is that overhead. Not yet measured on a
+# GPU (none was available to this branch).
 
 # Threshold modes of the split-K kernel (constexpr, so the branches compile away).
 _NONZERO = tl.constexpr(0)  # active iff x != 0 (relu_ffn's h: zero exactly for inactive neurons)
