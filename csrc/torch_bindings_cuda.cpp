@@ -9,6 +9,10 @@
 #include "cuda/percentile.h"
 #include "cuda/steer.h"
 #include "ops.h"
+// sparse ops
+#include "cuda/relu_ffn.h"
+#include "cuda/sparse_linear.h"
+#include "cuda/sparse_threshold.h"
 
 namespace actshift {
 
@@ -109,6 +113,78 @@ std::tuple<at::Tensor, at::Tensor> adascale_stats_cuda(const at::Tensor& z,
   return {q, c_o};
 }
 
+// --- sparse ops (kernels: csrc/cuda/sparse_threshold.cu, sparse_linear.cu, relu_ffn.cu) ---------
+
+namespace {
+
+// The sparse checks put every argument on x's device, so checking x covers them all.
+void check_cuda_x(const at::Tensor& x, const char* op) {
+  TORCH_CHECK_VALUE(x.is_cuda(), op, ": x must be a CUDA tensor for the cuda backend, got ",
+                    x.device());
+}
+
+const void* data_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr() : nullptr;
+}
+
+}  // namespace
+
+at::Tensor sparse_threshold_cuda(const at::Tensor& x, const at::Tensor& threshold) {
+  check_sparse_threshold_args(x, threshold);
+  check_cuda_x(x, "sparse_threshold");
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  at::Tensor y = at::empty({x.size(0), x.size(1)}, x.options());
+  // Threshold values are not checked on the GPU (a device sync); the wrapper checks them eagerly.
+  const cudaError_t err = cuda::launch_sparse_threshold(
+      dtype_of(x), x.const_data_ptr(), x.stride(0), y.mutable_data_ptr(), x.size(0), x.size(1),
+      threshold.const_data_ptr<float>(), threshold.numel() > 1, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "sparse_threshold: CUDA kernel launch failed: ",
+              cudaGetErrorString(err));
+  return y;
+}
+
+at::Tensor sparse_linear_cuda(const at::Tensor& x, const at::Tensor& weight_t,
+                              const at::Tensor& threshold, const std::optional<at::Tensor>& bias) {
+  check_sparse_linear_args(x, weight_t, threshold, bias);
+  check_cuda_x(x, "sparse_linear");
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const int64_t rows = x.size(0), out = weight_t.size(1);
+  at::Tensor y = at::empty({rows, out}, x.options());
+  // fp32 split-K accumulator from the caching allocator (stream-ordered, so graph capture works).
+  at::Tensor workspace = at::empty({rows * out}, x.options().dtype(at::kFloat));
+  const cudaError_t err = cuda::launch_sparse_linear(
+      dtype_of(x), x.const_data_ptr(), x.stride(0), weight_t.const_data_ptr(),
+      threshold.const_data_ptr<float>(), threshold.numel() > 1, data_or_null(bias),
+      y.mutable_data_ptr(), workspace.mutable_data_ptr<float>(), rows, x.size(1), out,
+      at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "sparse_linear: CUDA kernel launch failed: ",
+              cudaGetErrorString(err));
+  return y;
+}
+
+at::Tensor relu_ffn_cuda(const at::Tensor& x, const at::Tensor& w_gate,
+                         const std::optional<at::Tensor>& w_up, const at::Tensor& w_down_t,
+                         int64_t act, double threshold, const std::optional<at::Tensor>& b_gate,
+                         const std::optional<at::Tensor>& b_up,
+                         const std::optional<at::Tensor>& b_down) {
+  check_relu_ffn_args(x, w_gate, w_up, w_down_t, act, threshold, b_gate, b_up, b_down);
+  check_cuda_x(x, "relu_ffn");
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const int64_t rows = x.size(0), d = x.size(1), ffn = w_gate.size(0);
+  at::Tensor y = at::empty({rows, d}, x.options());
+  // fp32 hidden h [rows, ffn] followed by the fp32 down-projection accumulator [rows, d].
+  at::Tensor workspace = at::empty({rows * (ffn + d)}, x.options().dtype(at::kFloat));
+  const cudaError_t err = cuda::launch_relu_ffn(
+      dtype_of(x), x.const_data_ptr(), x.stride(0), w_gate.const_data_ptr(), data_or_null(w_up),
+      w_down_t.const_data_ptr(), static_cast<int>(act), static_cast<float>(threshold),
+      data_or_null(b_gate), data_or_null(b_up), data_or_null(b_down), y.mutable_data_ptr(),
+      workspace.mutable_data_ptr<float>(), rows, d, ffn, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "relu_ffn: CUDA kernel launch failed: ", cudaGetErrorString(err));
+  return y;
+}
+
+// --- end sparse ops ------------------------------------------------------------------------------
+
 }  // namespace actshift
 
 TORCH_LIBRARY_IMPL(actshift, CUDA, m) {
@@ -116,4 +192,8 @@ TORCH_LIBRARY_IMPL(actshift, CUDA, m) {
   m.impl("steer_out", &actshift::steer_out_cuda);
   m.impl("percentile_scale", &actshift::percentile_scale_cuda);
   m.impl("adascale_stats", &actshift::adascale_stats_cuda);
+  // sparse ops
+  m.impl("sparse_threshold", &actshift::sparse_threshold_cuda);
+  m.impl("sparse_linear", &actshift::sparse_linear_cuda);
+  m.impl("relu_ffn", &actshift::relu_ffn_cuda);
 }
