@@ -32,6 +32,8 @@ PACKAGES = [
     "actshift.ops",
     "actshift.steering",
     "actshift.ood",
+    # sparse activations (issues 5, 6)
+    "actshift.sparse",
 ]
 
 
