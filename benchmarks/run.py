@@ -7,9 +7,11 @@ import sys
 import torch
 
 from . import bench_percentile, bench_steer
+from . import bench_relu_ffn, bench_sparse_linear  # sparse ops
 from .harness import Result, Timer, derived, environment, plot, table, write_csv
 
 OPS = {"steer": bench_steer, "percentile": bench_percentile}
+OPS.update({"sparse_linear": bench_sparse_linear, "relu_ffn": bench_relu_ffn})  # sparse ops
 
 
 def run(ops: list[str] | None, device: str | None, quick: bool, out_dir: str) -> int:

@@ -57,4 +57,37 @@ void check_adascale_args(const at::Tensor& z, const at::Tensor& z_perturbed, int
 // for react).
 std::tuple<at::Tensor, at::Tensor> percentile_outputs(const at::Tensor& z, int64_t method);
 
+// --- sparse ops (sparse_threshold, sparse_linear, relu_ffn; math in actshift/sparse.h) ---------
+at::Tensor sparse_threshold_cpu(const at::Tensor& x, const at::Tensor& threshold);
+at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& weight_t,
+                             const at::Tensor& threshold, const std::optional<at::Tensor>& bias);
+at::Tensor relu_ffn_cpu(const at::Tensor& x, const at::Tensor& w_gate,
+                        const std::optional<at::Tensor>& w_up, const at::Tensor& w_down_t,
+                        int64_t act, double threshold, const std::optional<at::Tensor>& b_gate,
+                        const std::optional<at::Tensor>& b_up,
+                        const std::optional<at::Tensor>& b_down);
+#ifdef ACTSHIFT_WITH_CUDA
+at::Tensor sparse_threshold_cuda(const at::Tensor& x, const at::Tensor& threshold);
+at::Tensor sparse_linear_cuda(const at::Tensor& x, const at::Tensor& weight_t,
+                              const at::Tensor& threshold, const std::optional<at::Tensor>& bias);
+at::Tensor relu_ffn_cuda(const at::Tensor& x, const at::Tensor& w_gate,
+                         const std::optional<at::Tensor>& w_up, const at::Tensor& w_down_t,
+                         int64_t act, double threshold, const std::optional<at::Tensor>& b_gate,
+                         const std::optional<at::Tensor>& b_up,
+                         const std::optional<at::Tensor>& b_down);
+#endif
+// Validate the sparse ops' arguments for any backend (dtypes, shapes, devices, contiguity, act
+// code, threshold finite and >= 0; a threshold tensor's values on the CPU only). `op` names the op
+// in messages (sparse_linear reuses the threshold check).
+void check_sparse_threshold_args(const at::Tensor& x, const at::Tensor& threshold,
+                                 const char* op = "sparse_threshold");
+void check_sparse_linear_args(const at::Tensor& x, const at::Tensor& weight_t,
+                              const at::Tensor& threshold, const std::optional<at::Tensor>& bias);
+void check_relu_ffn_args(const at::Tensor& x, const at::Tensor& w_gate,
+                         const std::optional<at::Tensor>& w_up, const at::Tensor& w_down_t,
+                         int64_t act, double threshold, const std::optional<at::Tensor>& b_gate,
+                         const std::optional<at::Tensor>& b_up,
+                         const std::optional<at::Tensor>& b_down);
+// --- end sparse ops ------------------------------------------------------------------------------
+
 }  // namespace actshift

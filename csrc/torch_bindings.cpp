@@ -26,6 +26,19 @@ TORCH_LIBRARY(actshift, m) {
   // AdaSCALE statistics: Q = Σ|z − z̃| over the top-k1 of z, C_o = Σ relu(z̃) over the top-k2 of z
   // (both [N] fp32); z and z_perturbed [N, D] of one dtype.
   m.def("adascale_stats(Tensor z, Tensor z_perturbed, int k1, int k2) -> (Tensor, Tensor)");
+  // --- sparse ops (math in csrc/include/actshift/sparse.h; x is [rows, n], contiguous) ---------
+  // threshold: fp32 [1] (scalar) or [n] (per input channel), finite and >= 0, on x's device.
+  // sparse_threshold: y = x where |x| > t else 0 (NaN stays NaN), x's dtype.
+  m.def("sparse_threshold(Tensor x, Tensor threshold) -> Tensor");
+  // sparse_linear: y = sparse_threshold(x, t) @ weight_t + bias, fp32 accumulation, x's dtype;
+  // weight_t [in, out] contiguous (linear.weight.t()), bias [out]; both of x's dtype.
+  m.def("sparse_linear(Tensor x, Tensor weight_t, Tensor threshold, Tensor? bias) -> Tensor");
+  // relu_ffn: y = W_down (gate_act(W_gate x + b_gate) * up_act(W_up x + b_up)) + b_down, or the
+  // non-gated form without w_up; w_gate, w_up, w_down_t all [ffn, d] of x's dtype; act 0 relu,
+  // 1 fatrelu, 2 relu2, 3 drelu, 4 cats; threshold used by fatrelu and cats (0 otherwise).
+  m.def("relu_ffn(Tensor x, Tensor w_gate, Tensor? w_up, Tensor w_down_t, int act, "
+        "float threshold, Tensor? b_gate, Tensor? b_up, Tensor? b_down) -> Tensor");
+  // --- end sparse ops ----------------------------------------------------------------------------
 }
 
 TORCH_LIBRARY_IMPL(actshift, CPU, m) {
@@ -33,6 +46,10 @@ TORCH_LIBRARY_IMPL(actshift, CPU, m) {
   m.impl("steer_out", &actshift::steer_out_cpu);
   m.impl("percentile_scale", &actshift::percentile_scale_cpu);
   m.impl("adascale_stats", &actshift::adascale_stats_cpu);
+  // sparse ops
+  m.impl("sparse_threshold", &actshift::sparse_threshold_cpu);
+  m.impl("sparse_linear", &actshift::sparse_linear_cpu);
+  m.impl("relu_ffn", &actshift::relu_ffn_cpu);
 }
 
 // `import actshift._C` only needs to load this library so the static registrations above run.

@@ -14,6 +14,9 @@ from .info import info
 from .ops import adascale_stats, apply_steer, energy, percentile_scale, scale_ratio, steer
 from .steering import SteeringBank, SteeringPlan
 
+# sparse ops
+from .ops import cats_mlp, relu_ffn, sparse_linear, sparse_threshold  # noqa: E402
+
 __all__ = [
     "__version__",
     "steer",
@@ -29,3 +32,4 @@ __all__ = [
     "info",
     "BackendUnavailableError",
 ]
+__all__ += ["sparse_threshold", "sparse_linear", "relu_ffn", "cats_mlp"]  # sparse ops

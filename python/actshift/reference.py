@@ -96,3 +96,85 @@ def adascale_stats(z: torch.Tensor, z_perturbed: torch.Tensor, k1: int, k2: int)
     q = ((zf - pf).abs() * m1).sum(dim=1)
     c_o = (pf.clamp(min=0) * m2).sum(dim=1)
     return q, c_o
+
+
+# --- sparse-activation gating and ReLU-sparse FFN (sparse_threshold, sparse_linear, relu_ffn) ----
+
+SPARSE_ACTS = ("relu", "fatrelu", "relu2", "drelu", "cats")  # index = the C++ act code
+GATED_ONLY_ACTS = ("drelu", "cats")
+THRESHOLD_ACTS = ("fatrelu", "cats")
+
+
+def _as_threshold(threshold, x: torch.Tensor) -> torch.Tensor:
+    """The threshold as fp32 on x's device: a number, a [1] or a per-channel [n] tensor."""
+    return torch.as_tensor(threshold, dtype=torch.float32, device=x.device)
+
+
+def sparse_threshold(x: torch.Tensor, threshold) -> torch.Tensor:
+    """y = x where |x| > t else 0 (strictly greater; NaN stays NaN), in x's dtype.
+
+    x [..., n]; threshold a number or an fp32 tensor [1] or [n] (per channel), compared in fp32.
+    """
+    xf = x.float()
+    return torch.where(xf.abs() <= _as_threshold(threshold, x), 0.0, xf).to(x.dtype)
+
+
+def sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, threshold, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = sparse_threshold(x, t) @ weight_t + bias in fp32, returned in x's dtype.
+
+    x [..., in]; weight_t [in, out] (= linear.weight.t()); bias [out] or None.
+    """
+    xt = sparse_threshold(x.float(), threshold)
+    y = xt @ weight_t.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def ffn_activation(act: str, g: torch.Tensor, u: torch.Tensor | None, threshold: float = 0.0) -> torch.Tensor:
+    """h of relu_ffn from fp32 gate pre-activations g and (gated) up projections u.
+
+    gate_act: relu max(g, 0); fatrelu g if g > T else 0; relu2 relu(g)^2; drelu relu(g);
+    cats silu(g) if |silu(g)| > T else 0. Gated: h = gate_act(g) * u, with relu(u) for drelu.
+    NaN gates stay NaN (they count as active neurons).
+    """
+    if act == "fatrelu":
+        a = torch.where(g <= threshold, 0.0, g)
+    elif act == "cats":
+        s = torch.nn.functional.silu(g)
+        a = torch.where(s.abs() <= threshold, 0.0, s)
+    else:
+        a = torch.where(g <= 0, 0.0, g)
+        if act == "relu2":
+            a = a * a
+    if u is None:
+        return a
+    return a * (torch.where(u <= 0, 0.0, u) if act == "drelu" else u)
+
+
+def relu_ffn(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor | None,
+    w_down_t: torch.Tensor,
+    act: str = "relu",
+    threshold: float = 0.0,
+    b_gate: torch.Tensor | None = None,
+    b_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The dense FFN in fp32: y = W_down h + b_down with h = ffn_activation(act, W_gate x + b_gate,
+    W_up x + b_up, threshold) (gated), or h = gate_act(W_1 x + b_gate) when w_up is None.
+
+    x [..., d]; w_gate, w_up [ffn, d] (nn.Linear weights); w_down_t [ffn, d] (= down.weight.t());
+    biases [ffn] (gate, up) and [d] (down). Output in x's dtype; h stays fp32.
+    """
+    xf = x.float()
+    g = torch.nn.functional.linear(xf, w_gate.float(), None if b_gate is None else b_gate.float())
+    u = None
+    if w_up is not None:
+        u = torch.nn.functional.linear(xf, w_up.float(), None if b_up is None else b_up.float())
+    y = ffn_activation(act, g, u, threshold) @ w_down_t.float()
+    if b_down is not None:
+        y = y + b_down.float()
+    return y.to(x.dtype)

@@ -1,0 +1,43 @@
+"""The `sparse_threshold` op: public wrapper, argument checks, backend dispatch, fake impl.
+
+Backends: "cpu" and "cuda" call torch.ops.actshift.sparse_threshold (C++); "triton" calls
+torch.ops.actshift.sparse_threshold_triton (kernels/sparse_threshold.py); "reference" is
+reference.sparse_threshold.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _ext, backends, reference
+from ._sparse import as_rows, threshold_tensor, triton_op
+
+if _ext.EXT_LOADED:
+
+    @torch.library.register_fake("actshift::sparse_threshold")
+    def _sparse_threshold_fake(x, threshold):
+        torch._check(x.dim() == 2, lambda: "sparse_threshold: x must be [rows, n]")
+        return x.new_empty(x.shape)
+
+
+def sparse_threshold(x: torch.Tensor, threshold, *, backend: str = "auto") -> torch.Tensor:
+    """Zeroes small activations: y = x where |x| > t else 0 (strictly greater; NaN stays NaN).
+
+    Args:
+        x: [..., n] fp32/fp16/bf16, any leading dims.
+        threshold: t >= 0, finite: a number, or a float tensor [n] with one threshold per channel
+            (compared in fp32).
+        backend: "auto", "reference", "cpu", "triton" or "cuda".
+
+    Returns:
+        y shaped like x, in x's dtype.
+    """
+    x2 = as_rows(x)
+    t = threshold_tensor(threshold, x2.shape[1], x2.device)
+    name = backends.resolve(backend, x2.device)
+    if name == "reference":
+        y = reference.sparse_threshold(x2, t)
+    elif name == "triton":
+        y = triton_op("sparse_threshold")(x2, t)
+    else:
+        y = torch.ops.actshift.sparse_threshold(x2, t)
+    return y.view(x.shape)
