@@ -33,6 +33,7 @@ PACKAGES = [
     "actshift.steering",
     "actshift.ood",
     "actshift.integrations",
+    "actshift.sparse",
 ]
 
 

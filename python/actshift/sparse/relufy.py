@@ -1,0 +1,123 @@
+"""Relufication for experiments (FATReLU / ReLU in place of SiLU/GELU), FATReLU threshold
+calibration and the FFN activation-sparsity report."""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from . import sites as _sites
+from .calibrate import Histogram, SparsityTable, _check_fraction, _hooks, run_batches
+from .thresholds import check_threshold
+
+# Where each family's FFN activation module lives inside a layer.
+ACT_PATH = {"llama": "mlp.act_fn", "gpt2": "mlp.act", "bert": "intermediate.intermediate_act_fn", "opt": "activation_fn"}
+
+
+class FATReLU(nn.Module):
+    """ProSparse's FATReLU: x where x > threshold, else 0 (threshold >= 0; 0 is ReLU)."""
+
+    def __init__(self, threshold: float = 0.0):
+        super().__init__()
+        self.threshold = check_threshold(threshold, "threshold")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(x > self.threshold, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+    def extra_repr(self) -> str:
+        return f"threshold={self.threshold:.4g}"
+
+
+def act_modules(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(layer module, path of its FFN activation, the activation module) per layer."""
+    fam = _sites.family(model)
+    path = ACT_PATH[fam]
+    return [(layer.module, path, layer.module.get_submodule(path)) for layer in _sites.layers(model)]
+
+
+def set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, new)
+
+
+def relufy(model: nn.Module, act: str = "fatrelu", threshold=0.0) -> nn.Module:
+    """Replaces every layer's FFN activation (SiLU, GELU, ...) by ReLU or FATReLU, per instance, and
+    returns the model. LOSSY: the converted model computes a different function than the original
+    (papers fine-tune after relufication); use it to experiment with ReLU-sparse kernels on models
+    that were not trained with ReLU. Emits a UserWarning saying so.
+
+    act: "relu" or "fatrelu". threshold: FATReLU's threshold (a number >= 0, or one per layer);
+    see `calibrate_fatrelu` to pick thresholds for a target sparsity.
+    """
+    if act not in ("relu", "fatrelu"):
+        raise ValueError(f"act must be 'relu' or 'fatrelu', got {act!r}")
+    mods = act_modules(model)
+    if isinstance(threshold, (list, tuple)):
+        if len(threshold) != len(mods):
+            raise ValueError(f"threshold: {len(threshold)} values for {len(mods)} layers")
+        ts = [check_threshold(t, f"threshold[{i}]") for i, t in enumerate(threshold)]
+    else:
+        ts = [check_threshold(threshold, "threshold")] * len(mods)
+    if act == "relu" and any(ts):
+        raise ValueError("threshold must be 0 with act='relu' (use act='fatrelu')")
+    warnings.warn("actshift.sparse.relufy: replacing the FFN activation with ReLU/FATReLU changes the model's "
+                  "outputs (lossy vs the original; relufied models are normally fine-tuned)", UserWarning, stacklevel=2)
+    for (layer, path, _), t in zip(mods, ts):
+        set_submodule(layer, path, nn.ReLU() if act == "relu" else FATReLU(t))
+    return model
+
+
+def calibrate_fatrelu(model: nn.Module, batches: Iterable, target_sparsity: float, *, progress: bool = True) -> list[float]:
+    """Sets each layer's FATReLU threshold so that `target_sparsity` of its gate pre-activations are
+    at or below it (the activation is then exactly zero), on `batches`; returns the thresholds.
+    A layer whose non-positive share already exceeds the target keeps threshold 0 (plain ReLU).
+    The model must be relufied with act="fatrelu" first."""
+    target = _check_fraction(target_sparsity, "target_sparsity")
+    mods = act_modules(model)
+    for i, (_, _, m) in enumerate(mods):
+        if not isinstance(m, FATReLU):
+            raise ValueError(f"model: layer {i} activation is {type(m).__name__}, not FATReLU (relufy(model, 'fatrelu') first)")
+    hists = [Histogram() for _ in mods]
+    # Non-positive values all land in the zero bin, so quantiles count them as "below any t >= 0".
+    handles = [m.register_forward_pre_hook(lambda mod, args, h=h: h.add(args[0].clamp(min=0)))
+               for (_, _, m), h in zip(mods, hists)]
+    was_training = model.training
+    model.eval()
+    try:
+        with _hooks(handles):
+            run_batches(model, batches, progress=progress, desc="actshift calibrate_fatrelu")
+    finally:
+        model.train(was_training)
+    ts = [h.quantile(target) for h in hists]
+    for (_, _, m), t in zip(mods, ts):
+        m.threshold = t
+    return ts
+
+
+def sparsity_report(model: nn.Module, batches: Iterable, *, progress: bool = False) -> SparsityTable:
+    """Per-layer FFN activation sparsity: the fraction of exactly-zero outputs of each layer's FFN
+    activation (for gated MLPs, act(gate): the neurons relu_ffn skips) over `batches`. Returns a
+    SparsityTable {(layer, "ffn"): fraction} (print it for a table); `mean` is the plain average
+    over layers. Run it on an unpatched (possibly relufied) model."""
+    mods = act_modules(model)
+    counts = [[0, 0] for _ in mods]
+    for i, (_, _, m) in enumerate(mods):
+        if isinstance(m, nn.Identity):
+            raise ValueError(f"model: layer {i} FFN is patched (its activation is nn.Identity); report on the unpatched model")
+
+    def count(mod, args, out, c):
+        c[0] += int((out == 0).sum())
+        c[1] += out.numel()
+
+    handles = [m.register_forward_hook(lambda mod, a, o, c=c: count(mod, a, o, c)) for (_, _, m), c in zip(mods, counts)]
+    was_training = model.training
+    model.eval()
+    try:
+        with _hooks(handles):
+            run_batches(model, batches, progress=progress, desc="actshift sparsity_report")
+    finally:
+        model.train(was_training)
+    frac = {(i, "ffn"): c[0] / max(c[1], 1) for i, c in enumerate(counts)}
+    return SparsityTable(frac, sum(frac.values()) / len(frac), "FFN activation sparsity, % exactly zero")
