@@ -52,6 +52,37 @@ void check_cuda_z(const at::Tensor& z, const char* op) {
                     z.device());
 }
 
+// --- steer_program
+// Launches the program into `out` and `monitors` (both allocated and checked by the caller).
+void launch_program(const at::Tensor& x, const SteerProgram& p, const std::optional<at::Tensor>& gate,
+                    const std::optional<at::Tensor>& slot,
+                    const std::optional<at::Tensor>& row_weights, at::Tensor& out,
+                    at::Tensor& monitors) {
+  if (x.size(0) == 0) return;
+  // The launcher stages a row in shared memory; the bound depends on the device.
+  const int64_t max_d = cuda::program_max_hidden_size();
+  TORCH_CHECK_VALUE(x.size(1) <= max_d, "steer_program: x has hidden size ", x.size(1),
+                    "; the cuda backend holds a row in shared memory, up to ", max_d,
+                    " on this device (use backend='cpu')");
+  const auto ptr = [](const at::Tensor& t) { return t.numel() > 0 ? t.const_data_ptr<float>() : nullptr; };
+  const cuda::SteerProgramBank bank{
+      p.meta.const_data_ptr<int32_t>(), p.scalars.const_data_ptr<float>(), ptr(p.ablate),
+      ptr(p.targets), ptr(p.affine), ptr(p.vectors), ptr(p.weights),
+      p.neuron_idx.numel() > 0 ? p.neuron_idx.const_data_ptr<int32_t>() : nullptr,
+      ptr(p.neuron_val), ptr(p.condition), ptr(p.monitor), p.meta.size(0), p.ablate.size(1),
+      p.vectors.size(1), p.neuron_idx.size(1), p.monitor.size(1)};
+  const cudaError_t err = cuda::launch_steer_program(
+      dtype_of(x), x.const_data_ptr(), x.stride(0), out.mutable_data_ptr(), out.stride(0),
+      x.size(0), x.size(1), bank, gate.has_value() ? gate->const_data_ptr<float>() : nullptr,
+      slot.has_value() ? slot->const_data_ptr() : nullptr,
+      slot.has_value() && slot->scalar_type() == at::kLong,
+      row_weights.has_value() ? row_weights->const_data_ptr<float>() : nullptr,
+      monitors.mutable_data_ptr<float>(), at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "steer_program: CUDA kernel launch failed: ",
+              cudaGetErrorString(err));
+}
+// --- end steer_program
+
 }  // namespace
 
 at::Tensor steer_cuda(const at::Tensor& x, const at::Tensor& vectors, const at::Tensor& weights,
@@ -184,10 +215,50 @@ at::Tensor relu_ffn_cuda(const at::Tensor& x, const at::Tensor& w_gate,
 }
 
 // --- end sparse ops ------------------------------------------------------------------------------
+// --- steer_program
+// Metadata values are not checked here (that would read device memory and sync): the kernel clamps
+// counts to the padded sizes and skips neuron indices outside [0, d).
+std::tuple<at::Tensor, at::Tensor> steer_program_cuda(
+    const at::Tensor& x, const at::Tensor& meta, const at::Tensor& scalars, const at::Tensor& ablate,
+    const at::Tensor& targets, const at::Tensor& affine, const at::Tensor& vectors,
+    const at::Tensor& weights, const at::Tensor& neuron_idx, const at::Tensor& neuron_val,
+    const at::Tensor& condition, const at::Tensor& monitor, const std::optional<at::Tensor>& gate,
+    const std::optional<at::Tensor>& slot, const std::optional<at::Tensor>& row_weights) {
+  const SteerProgram p{meta,    scalars,    ablate,     targets,   affine, vectors,
+                       weights, neuron_idx, neuron_val, condition, monitor};
+  check_steer_program_args(x, p, gate, slot, row_weights);
+  check_cuda(x);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  at::Tensor y = at::empty({x.size(0), x.size(1)}, x.options());
+  at::Tensor monitors = steer_program_monitors(x, p);
+  launch_program(x, p, gate, slot, row_weights, y, monitors);
+  return {y, monitors};
+}
+
+at::Tensor steer_program_out_cuda(
+    const at::Tensor& x, const at::Tensor& meta, const at::Tensor& scalars, const at::Tensor& ablate,
+    const at::Tensor& targets, const at::Tensor& affine, const at::Tensor& vectors,
+    const at::Tensor& weights, const at::Tensor& neuron_idx, const at::Tensor& neuron_val,
+    const at::Tensor& condition, const at::Tensor& monitor, const std::optional<at::Tensor>& gate,
+    const std::optional<at::Tensor>& slot, const std::optional<at::Tensor>& row_weights,
+    at::Tensor& out) {
+  const SteerProgram p{meta,    scalars,    ablate,     targets,   affine, vectors,
+                       weights, neuron_idx, neuron_val, condition, monitor};
+  check_steer_program_args(x, p, gate, slot, row_weights);
+  check_cuda(x);
+  check_steer_out(x, out);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  at::Tensor monitors = steer_program_monitors(x, p);
+  launch_program(x, p, gate, slot, row_weights, out, monitors);
+  return monitors;
+}
+// --- end steer_program
 
 }  // namespace actshift
 
 TORCH_LIBRARY_IMPL(actshift, CUDA, m) {
+  m.impl("steer_program", &actshift::steer_program_cuda);
+  m.impl("steer_program_out", &actshift::steer_program_out_cuda);
   m.impl("steer", &actshift::steer_cuda);
   m.impl("steer_out", &actshift::steer_out_cuda);
   m.impl("percentile_scale", &actshift::percentile_scale_cuda);

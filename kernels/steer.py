@@ -17,7 +17,7 @@ The launcher `steer` does no validation and no host synchronisation (the caller 
 dtypes and devices), so it can run inside `torch.library.triton_op` and be traced by torch.compile;
 `register()` defines that op.
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -140,6 +140,194 @@ def steer(
     return y
 
 
+# --- the full steering program (op `actshift::steer_program_triton`) ---------------------------
+#
+# Math and layout: csrc/include/actshift/steer.h and actshift.reference.steer_program. Per row r with
+# plan s = slot[r] (outside [0, S): untouched, monitors 0), all in fp32 on the input row x:
+#     mon_i = x·M_i (i < p); ‖x‖; g = gate[r] · condition(x·c or x·c/‖x‖ vs threshold); c = λ·g
+#     z = x − Σ_k (x·u_k − t_k) u_k;  z = a ⊙ z + b;  z += Σ_j w_j v_j;  z[idx_q] = mul_q z[idx_q] + add_q
+#     y = x + c (z − x), renorm y ← y ‖x‖/‖y‖; c == 0 leaves the row bit-exact.
+#
+# Grid design: one program per row, the row held whole in registers (BLOCK_D = next pow2 of d, up to
+# 16384), so x is read from memory once while every dot product (monitors, condition, the ablation
+# coefficients, both norms) is a block reduction over registers; each plan row (M_i, u_k, v_j, a, b)
+# is read once per row and served from L2 across rows. A row-wide read-out must finish before any
+# element can be written, which is why the additive kernel's column split does not apply here.
+# Neuron edits cannot scatter into registers: their positions are gathered as a [BLOCK_N] side vector
+# (x, u_k, a, b, v_j at idx, the same fp32 operations in the same order), a histogram of idx marks
+# them in the dense row, and the two parts are stored to disjoint positions. Every count is clamped to
+# the padded size and indices outside [0, d) are skipped, so bad metadata never reads out of bounds.
+
+# Largest row one program holds (as kernels/percentile.py): 16384 fp32 values are 32 registers per
+# thread for each of x and z at 16 warps.
+PROGRAM_MAX_D = 16384
+
+
+@triton.jit
+def _program_kernel(
+    x_ptr, y_ptr, mon_ptr,
+    meta_ptr, scalars_ptr, ablate_ptr, targets_ptr, affine_ptr, vectors_ptr, weights_ptr,
+    nidx_ptr, nval_ptr, cond_ptr, monitor_ptr, gate_ptr, slot_ptr, roww_ptr,
+    d, x_stride, y_stride, S, K, M, N, P,
+    HAS_GATE: tl.constexpr, HAS_SLOT: tl.constexpr, HAS_ROW_W: tl.constexpr,
+    HAS_AFFINE: tl.constexpr, HAS_COND: tl.constexpr, IN_PLACE: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # int64: row * stride cannot overflow
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < d
+    x_raw = tl.load(x_ptr + row * x_stride + cols, mask=mask)
+    x = tl.where(mask, x_raw.to(tl.float32), 0.0)
+
+    s = row * 0
+    if HAS_SLOT:
+        s = tl.load(slot_ptr + row).to(tl.int64)
+    valid = (s >= 0) & (s < S)
+    s = tl.where(valid, s, 0)  # plan 0's metadata is always in bounds; its counts are zeroed below
+    meta = meta_ptr + s * 5
+    flags = tl.load(meta)
+    p = tl.where(valid, tl.minimum(tl.load(meta + 4), P), 0)
+
+    # Read-outs on the input row.
+    pcols = tl.arange(0, BLOCK_P)
+    mon = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for i in range(p):
+        mi = tl.load(monitor_ptr + (s * P + i) * d + cols, mask=mask, other=0.0)
+        mon = tl.where(pcols == i, tl.sum(x * mi, axis=0), mon)
+    tl.store(mon_ptr + row * P + pcols, mon, mask=pcols < P)
+    x_sq = tl.sum(x * x, axis=0)
+    g = tl.full((), 1.0, tl.float32)
+    if HAS_GATE:
+        g = tl.load(gate_ptr + row)
+    if HAS_COND:
+        if (flags & 2) != 0:
+            dot = tl.sum(x * tl.load(cond_ptr + s * d + cols, mask=mask, other=0.0), axis=0)
+            norm = tl.sqrt_rn(x_sq)
+            score = dot
+            if (flags & 4) != 0:
+                score = tl.where(norm > 0.0, tl.div_rn(dot, tl.where(norm > 0.0, norm, 1.0)), 0.0)
+            thr = tl.load(scalars_ptr + s * 2 + 1)
+            holds = tl.where((flags & 8) != 0, score < thr, score > thr)
+            g = g * tl.where(holds, 1.0, 0.0)
+    c = tl.load(scalars_ptr + s * 2) * g
+    steered = valid & (c != 0.0)
+
+    # The program, skipped entirely (counts 0, no plan rows read) for rows that stay as they are.
+    k = tl.where(steered, tl.minimum(tl.load(meta + 1), K), 0)
+    m = tl.where(steered, tl.minimum(tl.load(meta + 2), M), 0)
+    n = tl.where(steered, tl.minimum(tl.load(meta + 3), N), 0)
+    ncols = tl.arange(0, BLOCK_N)
+    nmask = ncols < n
+    idx = tl.load(nidx_ptr + s * N + ncols, mask=nmask, other=0)
+    nmask = nmask & (idx >= 0) & (idx < d)
+    xn = tl.load(x_ptr + row * x_stride + idx, mask=nmask, other=0.0).to(tl.float32)
+    z = x
+    zn = xn
+    for q in range(k):
+        u_ptr = ablate_ptr + (s * K + q) * d
+        u = tl.load(u_ptr + cols, mask=mask, other=0.0)
+        coef = tl.sum(x * u, axis=0) - tl.load(targets_ptr + s * K + q)
+        z -= coef * u
+        zn -= coef * tl.load(u_ptr + idx, mask=nmask, other=0.0)
+    if HAS_AFFINE:
+        if (flags & 1) != 0:
+            a_ptr = affine_ptr + s * 2 * d
+            z = tl.load(a_ptr + cols, mask=mask, other=0.0) * z + tl.load(a_ptr + d + cols, mask=mask, other=0.0)
+            zn = tl.load(a_ptr + idx, mask=nmask, other=0.0) * zn + tl.load(a_ptr + d + idx, mask=nmask, other=0.0)
+    w_ptr = weights_ptr + s * M
+    if HAS_ROW_W:
+        w_ptr = roww_ptr + row * M
+    for j in range(m):
+        wj = tl.load(w_ptr + j)
+        v_ptr = vectors_ptr + (s * M + j) * d
+        z += wj * tl.load(v_ptr + cols, mask=mask, other=0.0)
+        zn += wj * tl.load(v_ptr + idx, mask=nmask, other=0.0)
+    zn = tl.load(nval_ptr + s * 2 * N + ncols, mask=nmask, other=1.0) * zn + tl.load(
+        nval_ptr + (s * 2 + 1) * N + ncols, mask=nmask, other=0.0)
+    is_neuron = tl.histogram(idx, BLOCK_D, mask=nmask) > 0
+    y = tl.where(is_neuron, 0.0, x + c * (z - x))
+    yn = tl.where(nmask, xn + c * (zn - xn), 0.0)
+    f = tl.full((), 1.0, tl.float32)
+    if (flags & 16) != 0:
+        y_sq = tl.sum(y * y, axis=0) + tl.sum(yn * yn, axis=0)
+        f = tl.where(y_sq > 0.0, tl.div_rn(tl.sqrt_rn(x_sq), tl.sqrt_rn(tl.where(y_sq > 0.0, y_sq, 1.0))), 1.0)
+    # Untouched rows store x itself (bit-exact, NaN payloads too), or in place are not written.
+    out = tl.where(steered, (y * f).to(x_raw.dtype), x_raw)
+    store = mask & (~is_neuron)
+    if IN_PLACE:
+        store = store & (cols < tl.where(steered, d, 0))
+    tl.store(y_ptr + row * y_stride + cols, out, mask=store)
+    tl.store(y_ptr + row * y_stride + idx, (yn * f).to(x_raw.dtype), mask=nmask)
+
+
+def steer_program(
+    x: torch.Tensor,
+    meta: torch.Tensor,
+    scalars: torch.Tensor,
+    ablate: torch.Tensor,
+    targets: torch.Tensor,
+    affine: torch.Tensor,
+    vectors: torch.Tensor,
+    weights: torch.Tensor,
+    neuron_idx: torch.Tensor,
+    neuron_val: torch.Tensor,
+    condition: torch.Tensor,
+    monitor: torch.Tensor,
+    gate: Optional[torch.Tensor] = None,
+    slot: Optional[torch.Tensor] = None,
+    row_weights: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    in_place: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y, monitors) of the full steering program per row; y is written to `out` or a new tensor.
+
+    Expects the validated bank of SteeringBank.program (layout: csrc/torch_bindings.cpp) on x's
+    device, x [rows, d] with a contiguous last dim and d <= PROGRAM_MAX_D, gate [rows] fp32, slot
+    [rows] int32/int64, row_weights [rows, M] fp32; out like x, either x itself (`in_place`, decided
+    by the caller) or not overlapping it. No host synchronisation, so torch.compile can trace it.
+    """
+    rows, d = x.shape
+    P = monitor.shape[1]
+    y = torch.empty((rows, d), dtype=x.dtype, device=x.device) if out is None else out
+    if rows == 0 or d == 0:  # nothing to launch; an empty row projects to 0 and stays as it is
+        return y, x.new_zeros((rows, P), dtype=torch.float32)
+    if d > PROGRAM_MAX_D:
+        raise ValueError(f"x has hidden size {d}; the triton steering program holds a row in one "
+                         f"program, up to {PROGRAM_MAX_D} (use backend='cuda' or 'cpu')")
+    mon = x.new_empty((rows, P), dtype=torch.float32)
+
+    def some(t: torch.Tensor, dummy: torch.Tensor) -> torch.Tensor:
+        # Empty parts pass a dummy pointer of the same dtype: every access to them is masked off.
+        return t if t.numel() > 0 else dummy
+
+    f32, i32 = scalars, meta
+    block_d = triton.next_power_of_2(d)
+    wrap_triton(_program_kernel)[(rows,)](
+        x, y, some(mon, f32),
+        meta, scalars, some(ablate, f32), some(targets, f32), some(affine, f32), some(vectors, f32),
+        some(weights, f32), some(neuron_idx, i32), some(neuron_val, f32), some(condition, f32),
+        some(monitor, f32),
+        x if gate is None else gate,  # dummy pointers, never read when the flag is off
+        x if slot is None else slot,
+        x if row_weights is None else row_weights,
+        d, x.stride(0), y.stride(0), meta.shape[0], ablate.shape[1], vectors.shape[1],
+        neuron_idx.shape[1], P,
+        HAS_GATE=gate is not None,
+        HAS_SLOT=slot is not None,
+        HAS_ROW_W=row_weights is not None,
+        HAS_AFFINE=affine.shape[1] == 2,
+        HAS_COND=condition.shape[1] == 1,
+        IN_PLACE=in_place,
+        BLOCK_D=block_d,
+        BLOCK_N=triton.next_power_of_2(max(neuron_idx.shape[1], 1)),
+        BLOCK_P=triton.next_power_of_2(max(P, 1)),
+        # One warp per 512 values (16 per thread): each dot product is a block reduction, and
+        # fewer, fuller warps exchange less across warps.
+        num_warps=max(1, min(16, block_d // 512)),
+    )
+    return y, mon
+
+
 def _steer_op(
     x: torch.Tensor,
     vectors: torch.Tensor,
@@ -172,11 +360,43 @@ def _steer_out_fake(x, vectors, weights, strength, gate, slot, out, in_place):
     return None
 
 
+def _program_op(
+    x: torch.Tensor, meta: torch.Tensor, scalars: torch.Tensor, ablate: torch.Tensor,
+    targets: torch.Tensor, affine: torch.Tensor, vectors: torch.Tensor, weights: torch.Tensor,
+    neuron_idx: torch.Tensor, neuron_val: torch.Tensor, condition: torch.Tensor, monitor: torch.Tensor,
+    gate: Optional[torch.Tensor], slot: Optional[torch.Tensor], row_weights: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    return steer_program(x, meta, scalars, ablate, targets, affine, vectors, weights, neuron_idx,
+                         neuron_val, condition, monitor, gate, slot, row_weights)
+
+
+def _program_out_op(
+    x: torch.Tensor, meta: torch.Tensor, scalars: torch.Tensor, ablate: torch.Tensor,
+    targets: torch.Tensor, affine: torch.Tensor, vectors: torch.Tensor, weights: torch.Tensor,
+    neuron_idx: torch.Tensor, neuron_val: torch.Tensor, condition: torch.Tensor, monitor: torch.Tensor,
+    gate: Optional[torch.Tensor], slot: Optional[torch.Tensor], row_weights: Optional[torch.Tensor],
+    out: torch.Tensor, in_place: bool,
+) -> torch.Tensor:
+    return steer_program(x, meta, scalars, ablate, targets, affine, vectors, weights, neuron_idx,
+                         neuron_val, condition, monitor, gate, slot, row_weights, out, in_place)[1]
+
+
+def _program_fake(x, meta, scalars, ablate, targets, affine, vectors, weights, neuron_idx, neuron_val,
+                  condition, monitor, gate, slot, row_weights):
+    return x.new_empty(x.shape), x.new_empty((x.shape[0], monitor.shape[1]), dtype=torch.float32)
+
+
+def _program_out_fake(x, meta, scalars, ablate, targets, affine, vectors, weights, neuron_idx,
+                      neuron_val, condition, monitor, gate, slot, row_weights, out, in_place):
+    return x.new_empty((x.shape[0], monitor.shape[1]), dtype=torch.float32)
+
+
 _ops = None
 
 
 def register() -> None:
-    """Defines the custom ops `actshift::steer_triton` and `actshift::steer_triton_out` (idempotent).
+    """Defines the custom ops `actshift::steer_triton`, `actshift::steer_triton_out`,
+    `actshift::steer_program_triton` and `actshift::steer_program_triton_out` (idempotent).
 
     A triton_op rather than an opaque custom_op, so that torch.compile sees the kernel launch.
     Under TRITON_INTERPRET=1, @triton.jit yields an interpreted function that wrap_triton passes
@@ -186,15 +406,17 @@ def register() -> None:
     global _ops
     if _ops is not None:
         return
-    if isinstance(_steer_kernel, triton.runtime.JITFunction):
-        _ops = (
-            torch.library.triton_op("actshift::steer_triton", _steer_op, mutates_args=()),
-            torch.library.triton_op("actshift::steer_triton_out", _steer_out_op, mutates_args={"out"}),
-        )
-    else:
-        _ops = (
-            torch.library.custom_op("actshift::steer_triton", _steer_op, mutates_args=()),
-            torch.library.custom_op("actshift::steer_triton_out", _steer_out_op, mutates_args={"out"}),
-        )
-        _ops[0].register_fake(_steer_fake)
-        _ops[1].register_fake(_steer_out_fake)
+    define = (
+        torch.library.triton_op
+        if isinstance(_steer_kernel, triton.runtime.JITFunction)
+        else torch.library.custom_op
+    )
+    _ops = (
+        define("actshift::steer_triton", _steer_op, mutates_args=()),
+        define("actshift::steer_triton_out", _steer_out_op, mutates_args={"out"}),
+        define("actshift::steer_program_triton", _program_op, mutates_args=()),
+        define("actshift::steer_program_triton_out", _program_out_op, mutates_args={"out"}),
+    )
+    if define is torch.library.custom_op:
+        for op, fake in zip(_ops, (_steer_fake, _steer_out_fake, _program_fake, _program_out_fake)):
+            op.register_fake(fake)

@@ -202,6 +202,230 @@ cudaError_t launch_typed(const void* x, int64_t x_stride, void* y, int64_t y_str
                        : run(static_cast<const int32_t*>(slot));
 }
 
+// --- the full steering program -----------------------------------------------------------------
+//
+// One block per row (grid-stride over rows): a program with row-wide read-outs (monitors, the
+// condition, the ablation dots, both norms) must finish them before any element can be written, so
+// the column split of the additive kernel above does not apply; the wrapper keeps that kernel for
+// plans that only add vectors. Per row:
+//   1. one sweep over x (read from global memory once) stages the fp32 row in shared memory and
+//      accumulates every read-out's partial dot product in registers (x·x, x·c, x·M_i, x·u_k), then
+//      one block reduction finishes all of them together;
+//   2. thread 0 resolves the gate and strength and the ablation / add coefficients;
+//   3. z = steer::program_element(x_i, ...) into shared memory, then the neuron edits scatter into it
+//      (unique indices, one thread each);
+//   4. y = steer::mix(x, z, c), with a second block reduction of ‖y‖² when the plan renormalizes,
+//      then the write.
+// Counts and flags are uniform across a block, so absent parts cost a skipped branch. Rows that stay
+// as they are (slot outside [0, S), or λ·g == 0) are copied from x (bit-exact), or in place not
+// written.
+
+constexpr int kProgramThreads = 512;
+constexpr int kProgramWarps = kProgramThreads / 32;
+// Read-outs reduced per row: ‖x‖², x·c, the monitors, the ablation dots.
+constexpr int kReadNorm = 0, kReadCondition = 1, kReadMonitors = 2;
+constexpr int kReadAblate = kReadMonitors + steer::kMaxMonitors;
+constexpr int kReadouts = kReadAblate + steer::kMaxDirections;
+
+template <typename T, typename IndexT>
+struct ProgramParams {
+  const T* x;
+  int64_t x_stride;
+  T* y;
+  int64_t y_stride;
+  int64_t rows;
+  int64_t d;
+  SteerProgramBank bank;
+  const float* gate;
+  const IndexT* slot;
+  const float* row_weights;
+  float* monitors;
+};
+
+// Sums v over the block; every thread gets the total. `scratch` holds kProgramWarps floats; the
+// leading barrier lets the caller reuse it back to back.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float total = 0.0f;
+  for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) total += scratch[w];
+  return total;
+}
+
+template <typename T, typename IndexT>
+__global__ void __launch_bounds__(kProgramThreads) program_kernel(const ProgramParams<T, IndexT> p) {
+  extern __shared__ float row_buf[];  // x [d] and z [d], fp32
+  __shared__ float partial[kReadouts][kProgramWarps];
+  __shared__ float read[kReadouts];
+  __shared__ float ablate_coef[steer::kMaxDirections];
+  __shared__ float add_coef[steer::kMaxVectors];
+  __shared__ float mix_coef;
+  __shared__ float scratch[kProgramWarps];
+
+  const SteerProgramBank& b = p.bank;
+  const int64_t d = p.d;
+  float* xs = row_buf;
+  float* zs = row_buf + d;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+  const bool in_place = static_cast<const void*>(p.x) == static_cast<const void*>(p.y) &&
+                        p.x_stride == p.y_stride;
+
+  for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
+    const T* x = p.x + r * p.x_stride;
+    T* y = p.y + r * p.y_stride;
+    float* mon = p.monitors + r * b.P;
+    const int64_t s = steer::resolve_slot(p.slot, r, b.num_plans);
+    if (s < 0) {  // uniform across the block
+      for (int64_t i = tid; i < b.P; i += blockDim.x) mon[i] = 0.0f;
+      if (!in_place) {
+        for (int64_t i = tid; i < d; i += blockDim.x) y[i] = x[i];
+      }
+      continue;
+    }
+    const int32_t* meta = b.meta + s * steer::kMetaCols;
+    const int32_t flags = meta[steer::kMetaFlags];
+    const auto clamp = [](int32_t v, int64_t hi) { return static_cast<int>(v < 0 ? 0 : v > hi ? hi : v); };
+    const int k = clamp(meta[steer::kMetaAblate], b.K), m = clamp(meta[steer::kMetaAdd], b.M);
+    const int n = clamp(meta[steer::kMetaNeurons], b.N), np = clamp(meta[steer::kMetaMonitors], b.P);
+    const bool has_cond = (flags & steer::kCondition) && b.condition != nullptr;
+    const float* cond = has_cond ? b.condition + s * d : nullptr;
+    const float* M = b.monitor + s * b.P * d;
+    const float* U = b.ablate + s * b.K * d;
+
+    // 1. Stage x and accumulate the read-outs' partial sums.
+    float acc[kReadouts];
+#pragma unroll
+    for (int j = 0; j < kReadouts; ++j) acc[j] = 0.0f;
+    for (int64_t i = tid; i < d; i += blockDim.x) {
+      const float xv = to_float(x[i]);
+      xs[i] = xv;
+      acc[kReadNorm] += xv * xv;
+      if (has_cond) acc[kReadCondition] += xv * __ldg(cond + i);
+#pragma unroll
+      for (int q = 0; q < steer::kMaxMonitors; ++q) {
+        if (q < np) acc[kReadMonitors + q] += xv * __ldg(M + q * d + i);
+      }
+#pragma unroll
+      for (int q = 0; q < steer::kMaxDirections; ++q) {
+        if (q < k) acc[kReadAblate + q] += xv * __ldg(U + q * d + i);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kReadouts; ++j) {
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], o);
+      if (lane == 0) partial[j][warp] = acc[j];
+    }
+    __syncthreads();
+    if (tid < kReadouts) {
+      float total = 0.0f;
+      for (int w = 0; w < nwarps; ++w) total += partial[tid][w];
+      read[tid] = total;
+    }
+    __syncthreads();
+
+    // 2. Gate, strength and coefficients.
+    for (int64_t i = tid; i < b.P; i += blockDim.x) mon[i] = i < np ? read[kReadMonitors + i] : 0.0f;
+    if (tid == 0) {
+      const float* sc = b.scalars + s * steer::kScalarCols;
+      float g = p.gate != nullptr ? p.gate[r] : 1.0f;
+      if (has_cond) {
+        const float score = steer::condition_score(flags, read[kReadCondition], sqrtf(read[kReadNorm]));
+        g *= steer::condition_gate(flags, score, sc[steer::kScalarThreshold]);
+      }
+      mix_coef = sc[steer::kScalarStrength] * g;
+      for (int q = 0; q < k; ++q) ablate_coef[q] = read[kReadAblate + q] - b.targets[s * b.K + q];
+      const float* w = p.row_weights != nullptr ? p.row_weights + r * b.M : b.weights + s * b.M;
+      for (int j = 0; j < m; ++j) add_coef[j] = w[j];
+    }
+    __syncthreads();
+    const float c = mix_coef;
+    if (c == 0.0f) {  // not steered: the row stays bit-exact
+      if (!in_place) {
+        for (int64_t i = tid; i < d; i += blockDim.x) y[i] = x[i];
+      }
+      __syncthreads();  // xs, read and the coefficients are rewritten for the block's next row
+      continue;
+    }
+
+    // 3. The program into z.
+    const float* affine = (flags & steer::kAffine) && b.affine != nullptr ? b.affine + s * 2 * d : nullptr;
+    const float* V = b.vectors + s * b.M * d;
+    for (int64_t i = tid; i < d; i += blockDim.x) {
+      zs[i] = steer::program_element(xs[i], ablate_coef, U, k, affine, add_coef, V, m, d, i);
+    }
+    if (n > 0) {
+      __syncthreads();
+      const int32_t* idx = b.neuron_idx + s * b.N;
+      const float* mul = b.neuron_val + s * 2 * b.N;
+      for (int q = tid; q < n; q += blockDim.x) {
+        const int32_t i = idx[q];
+        if (i >= 0 && i < d) zs[i] = steer::neuron_edit(zs[i], mul[q], mul[b.N + q]);
+      }
+    }
+    __syncthreads();
+
+    // 4. Mix, renorm, write.
+    if (!(flags & steer::kRenorm)) {
+      for (int64_t i = tid; i < d; i += blockDim.x) y[i] = from_float<T>(steer::mix(xs[i], zs[i], c));
+    } else {
+      float y_sq = 0.0f;
+      for (int64_t i = tid; i < d; i += blockDim.x) {
+        const float yv = steer::mix(xs[i], zs[i], c);
+        zs[i] = yv;
+        y_sq += yv * yv;
+      }
+      const float f = steer::renorm_factor(read[kReadNorm], block_sum(y_sq, scratch));
+      for (int64_t i = tid; i < d; i += blockDim.x) y[i] = from_float<T>(zs[i] * f);
+    }
+    __syncthreads();
+  }
+}
+
+template <typename T, typename IndexT>
+cudaError_t launch_program(const ProgramParams<T, IndexT>& p, size_t smem, cudaStream_t stream) {
+  // One warp per 128 elements of the row, so that small rows do not idle most of the block.
+  const int64_t warps = std::min<int64_t>(kProgramWarps, std::max<int64_t>(1, ceil_div(p.d, 128)));
+  const int64_t blocks = std::min<int64_t>(p.rows, INT32_MAX);
+  cudaError_t err = cudaFuncSetAttribute(program_kernel<T, IndexT>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  program_kernel<T, IndexT>
+      <<<static_cast<unsigned>(blocks), static_cast<unsigned>(warps * 32), smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_program_typed(const void* x, int64_t x_stride, void* y, int64_t y_stride,
+                                 int64_t rows, int64_t d, const SteerProgramBank& bank,
+                                 const float* gate, const void* slot, bool slot_is_int64,
+                                 const float* row_weights, float* monitors, size_t smem,
+                                 cudaStream_t stream) {
+  const auto run = [&](auto* typed_slot) {
+    using IndexT = std::remove_const_t<std::remove_pointer_t<decltype(typed_slot)>>;
+    const ProgramParams<T, IndexT> p{static_cast<const T*>(x), x_stride, static_cast<T*>(y), y_stride,
+                                     rows, d, bank, gate, typed_slot, row_weights, monitors};
+    return launch_program(p, smem, stream);
+  };
+  return slot_is_int64 ? run(static_cast<const int64_t*>(slot))
+                       : run(static_cast<const int32_t*>(slot));
+}
+
+// Dynamic shared memory per block the current device allows (opt-in), or 0 if it cannot be queried.
+int64_t max_dynamic_smem() {
+  int dev = 0, bytes = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+    return 0;
+  }
+  return bytes;
+}
+
+
 }  // namespace
 
 cudaError_t launch_steer(DType dtype, const void* x, int64_t x_stride, void* y, int64_t y_stride,
@@ -223,6 +447,39 @@ cudaError_t launch_steer(DType dtype, const void* x, int64_t x_stride, void* y, 
     case DType::kBFloat16:
       return launch_typed<__nv_bfloat16>(x, x_stride, y, y_stride, rows, d, vectors, weights, strength,
                                          num_plans, m, gate, slot, slot_is_int64, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+int64_t program_max_hidden_size() {
+  // The static shared memory of program_kernel (partials, read-outs, coefficients) is under 4 KiB.
+  constexpr int64_t kStaticSmem = 4096;
+  const int64_t bytes = max_dynamic_smem() - kStaticSmem;
+  return bytes > 0 ? bytes / (2 * static_cast<int64_t>(sizeof(float))) : 0;
+}
+
+cudaError_t launch_steer_program(DType dtype, const void* x, int64_t x_stride, void* y,
+                                 int64_t y_stride, int64_t rows, int64_t d,
+                                 const SteerProgramBank& bank, const float* gate, const void* slot,
+                                 bool slot_is_int64, const float* row_weights, float* monitors,
+                                 cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  if (rows < 0 || d < 0 || bank.num_plans < 1 || bank.K < 0 || bank.K > steer::kMaxDirections ||
+      bank.M < 0 || bank.M > steer::kMaxVectors || bank.N < 0 || bank.P < 0 ||
+      bank.P > steer::kMaxMonitors || d > program_max_hidden_size()) {
+    return cudaErrorInvalidValue;
+  }
+  const size_t smem = static_cast<size_t>(2 * d) * sizeof(float);
+  switch (dtype) {
+    case DType::kFloat32:
+      return launch_program_typed<float>(x, x_stride, y, y_stride, rows, d, bank, gate, slot,
+                                         slot_is_int64, row_weights, monitors, smem, stream);
+    case DType::kFloat16:
+      return launch_program_typed<__half>(x, x_stride, y, y_stride, rows, d, bank, gate, slot,
+                                          slot_is_int64, row_weights, monitors, smem, stream);
+    case DType::kBFloat16:
+      return launch_program_typed<__nv_bfloat16>(x, x_stride, y, y_stride, rows, d, bank, gate, slot,
+                                                 slot_is_int64, row_weights, monitors, smem, stream);
   }
   return cudaErrorInvalidValue;
 }
