@@ -11,6 +11,7 @@ swapped modules.
 """
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -82,6 +83,14 @@ class SteeringSite:
             raise ValueError(f"positions must be one of {', '.join(POSITIONS)} or a bool mask; got {self.positions!r}")
         self.bank = as_bank(self.plan)  # TypeError for anything else
         self.per_row = not isinstance(self.plan, SteeringPlan)  # banks select plans by slot
+        self._masks: dict[torch.device, torch.Tensor] = {}
+
+    def mask_on(self, device: torch.device) -> torch.Tensor:
+        """The positions mask on `device`, copied once (no host-to-device copy per layer and step)."""
+        mask = self._masks.get(device)
+        if mask is None:
+            mask = self._masks[device] = self.positions.to(device)
+        return mask
 
 
 @dataclass
@@ -214,7 +223,7 @@ class PatchHandle:
             if isinstance(positions, torch.Tensor):
                 if positions.shape[0] not in (1, batch):
                     raise ValueError(f"positions mask has {positions.shape[0]} rows but the batch has {batch}")
-                cols = positions[:, past:past + seq].to(device)
+                cols = site.mask_on(device)[:, past:past + seq]
                 if cols.shape[1] < seq:
                     cols = torch.nn.functional.pad(cols, (0, seq - cols.shape[1]), value=False)
                 mask = cols.expand(batch, seq)
@@ -393,6 +402,7 @@ def patch_steering(model: torch.nn.Module, steering, handle: PatchHandle) -> Non
         _wrap_forward(module, lambda fwd, m=module: _steered_forward(fwd, pre.get(m, ()), post.get(m, ()), handle), handle)
 
     def begin(fwd):
+        @functools.wraps(fwd)  # generate() reads the forward's signature (attention_mask, logits_to_keep, ...)
         def forward(*args, **kwargs):
             if not handle._needs_step:  # positions "all" and no callbacks: nothing to track
                 return fwd(*args, **kwargs)
@@ -407,6 +417,7 @@ def patch_steering(model: torch.nn.Module, steering, handle: PatchHandle) -> Non
 
 
 def _steered_forward(fwd, pre, post, handle: PatchHandle):
+    @functools.wraps(fwd)  # keeps the signature that callers inspect
     def forward(*args, **kwargs):
         if pre:
             x = _hidden_arg(args, kwargs)
