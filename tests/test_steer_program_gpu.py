@@ -62,6 +62,23 @@ def test_counts_clamped_and_bad_indices_skipped(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", PARAMS)
+def test_neurons_with_renorm(device, backend):
+    """Neuron edits feed the renorm's ‖y‖ (the GPU kernels handle them apart from the dense row)."""
+    require_backend(backend, device)
+    for d in (9, 200):
+        idx = torch.randperm(d)[: d // 2]
+        plan = (SteeringPlan(add=torch.randn(d), strength=0.9, renorm=True).ablate(unit(d))
+                .neurons(idx, mul=torch.linspace(-2, 3, idx.numel()), add=torch.randn(idx.numel())))
+        x = torch.randn(5, d, device=device)
+        expect = program_ref(x, SteeringBank([plan]))[0]
+        assert_close(actshift.steer(x, plan, backend=backend), expect, torch.float32)
+        x2 = x.clone()
+        actshift.steer(x2, plan, out=x2, backend=backend)
+        assert_close(x2, expect, torch.float32)
+        torch.testing.assert_close(x2.norm(dim=1), x.norm(dim=1))
+
+
+@pytest.mark.parametrize("device,backend", PARAMS)
 def test_untouched_rows_are_bit_exact(device, backend):
     """Rows with slot -1 or a zero gate keep their exact bits (NaN payloads, -0.0), out of place and
     in place; steered rows next to them are correct."""
