@@ -301,13 +301,14 @@ def steer_program(
     mon = x.new_empty((rows, P), dtype=torch.float32)
 
     def some(t: torch.Tensor, dummy: torch.Tensor) -> torch.Tensor:
-        # Empty parts pass a dummy pointer of the same dtype: every access to them is masked off.
+        # Empty parts of the bank (static sizes) pass a dummy pointer of the same dtype: every access
+        # to them is masked off.
         return t if t.numel() > 0 else dummy
 
     f32, i32 = scalars, meta
     block_d = triton.next_power_of_2(d)
     wrap_triton(_program_kernel)[(rows,)](
-        x, y, some(mon, f32),
+        x, y, mon if P > 0 else f32,
         meta, scalars, some(ablate, f32), some(targets, f32), some(affine, f32), some(vectors, f32),
         some(weights, f32), some(neuron_idx, i32), some(neuron_val, f32), some(condition, f32),
         some(monitor, f32),
