@@ -6,6 +6,8 @@ with the reference. Triton runs on CPU under TRITON_INTERPRET=1 (conftest); the 
 import pytest
 import torch
 from conftest import assert_close, dtypes_for, require_backend
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_steer_program import full_plans, program_ref, unit
 
 import actshift
@@ -230,3 +232,62 @@ def test_gpu_cuda_graph_capture(backend):
     ey, emon = program_ref(x, bank, None, slot)
     assert_close(out, ey, torch.float16)
     torch.testing.assert_close(mon, emon, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.integers(0, 70),
+    d=st.integers(1, 2100),
+    use_gate=st.booleans(),
+    use_weights=st.booleans(),
+    in_place=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_gpu_property_against_reference(backend, rows, d, use_gate, use_weights, in_place, dtype, seed):
+    """Odd widths (unaligned rows, partial warps), row counts around a block, every dtype."""
+    require_backend(backend, "cuda")
+    g = torch.Generator().manual_seed(seed)
+    bank = SteeringBank(full_plans(d, g))
+    x = torch.randn(rows, d, generator=g).to(device="cuda", dtype=dtype)
+    slot = torch.randint(-1, len(bank), (rows,), generator=g).cuda()
+    gate = torch.rand(rows, generator=g).cuda() if use_gate else None
+    w = torch.randn(rows, bank.max_vectors, generator=g).cuda() if use_weights else None
+    ey, emon = program_ref(x, bank, gate, slot, w)
+    x2 = x.clone()
+    y, mon = actshift.steer(x2, bank, slot=slot, gate=gate, weights=w, return_monitors=True,
+                            out=x2 if in_place else None, backend=backend)
+    assert_close(y, ey, dtype)
+    torch.testing.assert_close(mon, emon, rtol=1e-3, atol=1e-3)
+    assert torch.equal(y[slot < 0], x[slot < 0])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_bad_inputs_name_the_argument(backend):
+    require_backend(backend, "cuda")
+    plan = SteeringPlan(add=torch.randn(2, 8)).monitor(torch.randn(8))
+    x = torch.randn(3, 8, device="cuda")
+    cases = [
+        (TypeError, "x", dict(x=x.int())),
+        (ValueError, "hidden size", dict(x=torch.randn(3, 9, device="cuda"))),
+        (ValueError, "gate", dict(gate=torch.rand(4, device="cuda"))),
+        (ValueError, "slot", dict(slot=torch.tensor([0, 1, 0], device="cuda"))),
+        (ValueError, "weights", dict(weights=torch.randn(3, 3, device="cuda"))),
+        (ValueError, "weights", dict(weights=torch.randn(3, 2))),  # on the CPU
+        (ValueError, "out", dict(out=torch.empty(3, 9, device="cuda"))),
+    ]
+    for exc, word, kw in cases:
+        args = dict(x=x) | kw
+        with pytest.raises(exc, match=word):
+            actshift.steer(args.pop("x"), plan, backend=backend, return_monitors=True, **args)
+    if backend == "cuda":  # the C++ checks of direct op calls
+        prog = tuple(SteeringBank([plan]).program(torch.device("cuda")))
+        with pytest.raises(TypeError, match="meta"):
+            torch.ops.actshift.steer_program(x, prog[0].long(), *prog[1:], None, None, None)
+        with pytest.raises(ValueError, match="monitor"):
+            torch.ops.actshift.steer_program(x, *prog[:10], prog[10].cpu(), None, None, None)
+        with pytest.raises(ValueError, match="overlaps"):
+            torch.ops.actshift.steer_program_out(x[:2], *prog, None, None, None, x[1:])
