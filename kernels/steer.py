@@ -154,8 +154,10 @@ def steer(
 # is read once per row and served from L2 across rows. A row-wide read-out must finish before any
 # element can be written, which is why the additive kernel's column split does not apply here.
 # Neuron edits cannot scatter into registers: their positions are gathered as a [BLOCK_N] side vector
-# (x, u_k, a, b, v_j at idx, the same fp32 operations in the same order), a histogram of idx marks
-# them in the dense row, and the two parts are stored to disjoint positions. Every count is clamped to
+# (x, u_k, a, b, v_j at idx, the same fp32 operations in the same order), the dense row is stored
+# unedited and the edited elements overwrite it after a barrier; ‖y‖² swaps the unedited squares at
+# those positions for the edited ones (O(n), unlike marking idx in the dense row, which needs a
+# d-bin histogram or an n × d comparison). Every count is clamped to
 # the padded size and indices outside [0, d) are skipped, so bad metadata never reads out of bounds.
 
 # Largest row one program holds (as kernels/percentile.py): 16384 fp32 values are 32 registers per
@@ -242,21 +244,23 @@ def _program_kernel(
         v_ptr = vectors_ptr + (s * M + j) * d
         z += wj * tl.load(v_ptr + cols, mask=mask, other=0.0)
         zn += wj * tl.load(v_ptr + idx, mask=nmask, other=0.0)
+    y = x + c * (z - x)
+    yd = tl.where(nmask, xn + c * (zn - xn), 0.0)  # the unedited y at idx, as the dense row holds it
     zn = tl.load(nval_ptr + s * 2 * N + ncols, mask=nmask, other=1.0) * zn + tl.load(
         nval_ptr + (s * 2 + 1) * N + ncols, mask=nmask, other=0.0)
-    is_neuron = tl.histogram(idx, BLOCK_D, mask=nmask) > 0
-    y = tl.where(is_neuron, 0.0, x + c * (z - x))
     yn = tl.where(nmask, xn + c * (zn - xn), 0.0)
     f = tl.full((), 1.0, tl.float32)
     if (flags & 16) != 0:
-        y_sq = tl.sum(y * y, axis=0) + tl.sum(yn * yn, axis=0)
+        y_sq = tl.sum(y * y, axis=0) - tl.sum(yd * yd, axis=0) + tl.sum(yn * yn, axis=0)
         f = tl.where(y_sq > 0.0, tl.div_rn(tl.sqrt_rn(x_sq), tl.sqrt_rn(tl.where(y_sq > 0.0, y_sq, 1.0))), 1.0)
     # Untouched rows store x itself (bit-exact, NaN payloads too), or in place are not written.
     out = tl.where(steered, (y * f).to(x_raw.dtype), x_raw)
-    store = mask & (~is_neuron)
+    store = mask
     if IN_PLACE:
         store = store & (cols < tl.where(steered, d, 0))
     tl.store(y_ptr + row * y_stride + cols, out, mask=store)
+    # Every thread's dense store lands before the edited elements overwrite theirs.
+    tl.debug_barrier()
     tl.store(y_ptr + row * y_stride + idx, (yn * f).to(x_raw.dtype), mask=nmask)
 
 
@@ -297,13 +301,14 @@ def steer_program(
     mon = x.new_empty((rows, P), dtype=torch.float32)
 
     def some(t: torch.Tensor, dummy: torch.Tensor) -> torch.Tensor:
-        # Empty parts pass a dummy pointer of the same dtype: every access to them is masked off.
+        # Empty parts of the bank (static sizes) pass a dummy pointer of the same dtype: every access
+        # to them is masked off.
         return t if t.numel() > 0 else dummy
 
     f32, i32 = scalars, meta
     block_d = triton.next_power_of_2(d)
     wrap_triton(_program_kernel)[(rows,)](
-        x, y, some(mon, f32),
+        x, y, mon if P > 0 else f32,
         meta, scalars, some(ablate, f32), some(targets, f32), some(affine, f32), some(vectors, f32),
         some(weights, f32), some(neuron_idx, i32), some(neuron_val, f32), some(condition, f32),
         some(monitor, f32),

@@ -221,6 +221,7 @@ cudaError_t launch_typed(const void* x, int64_t x_stride, void* y, int64_t y_str
 // written.
 
 constexpr int kProgramThreads = 512;
+constexpr size_t kDefaultDynamicSmem = 48 * 1024;
 constexpr int kProgramWarps = kProgramThreads / 32;
 // Read-outs reduced per row: ‖x‖², x·c, the monitors, the ablation dots.
 constexpr int kReadNorm = 0, kReadCondition = 1, kReadMonitors = 2;
@@ -390,10 +391,13 @@ cudaError_t launch_program(const ProgramParams<T, IndexT>& p, size_t smem, cudaS
   // One warp per 128 elements of the row, so that small rows do not idle most of the block.
   const int64_t warps = std::min<int64_t>(kProgramWarps, std::max<int64_t>(1, ceil_div(p.d, 128)));
   const int64_t blocks = std::min<int64_t>(p.rows, INT32_MAX);
-  cudaError_t err = cudaFuncSetAttribute(program_kernel<T, IndexT>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
+  // Rows past 6144 values need more than the 48 KiB of dynamic shared memory a launch gets by default.
+  if (smem > kDefaultDynamicSmem) {
+    const cudaError_t err = cudaFuncSetAttribute(program_kernel<T, IndexT>,
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
   program_kernel<T, IndexT>
       <<<static_cast<unsigned>(blocks), static_cast<unsigned>(warps * 32), smem, stream>>>(p);
   return cudaGetLastError();
