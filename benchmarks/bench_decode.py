@@ -69,7 +69,7 @@ def cases(device: str, quick: bool) -> Iterator[Case]:
             with actshift.patch(model, steering=plan):
                 return decode()
 
-        shape = f"layers={layers} d={d} batch={batch}"
+        shape = f"L={layers} d={d} batch={batch}"
         note = f"{new_tokens} new tokens after a {prompt_len}-token prompt"
         _TOKENS[shape] = batch * new_tokens
         yield Case("decode", "steer blocks", shape, dtype, {UNSTEERED: decode, EAGER: hooked, PATCHED: patched},

@@ -7,7 +7,7 @@ import sys
 import torch
 
 from . import bench_percentile, bench_steer
-from . import bench_decode  # model patching: decode tokens/s with steering (separate block for merging)
+from . import bench_decode  # decode tokens/s of a patched model (model patching)
 from .harness import Result, Timer, derived, environment, plot, table, write_csv
 
 OPS = {"steer": bench_steer, "percentile": bench_percentile}
