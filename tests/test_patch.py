@@ -2,6 +2,8 @@
 architecture against plain forward hooks, exact restoration, per-instance isolation, KV-cache
 generation vs recomputation without cache, left padding, per-row banks and weights, step callbacks,
 torch.compile and CUDA graphs of a decode step, and bad inputs."""
+import inspect
+
 import pytest
 import torch
 from conftest import cpu_backends, require_backend
@@ -158,7 +160,10 @@ def test_second_instance_and_class_unaffected():
     ids = torch.randint(3, 100, (2, 5))
     base = run(b, ids)
     cls_forward = type(a.model.layers[0]).forward
+    signatures = [inspect.signature(m.forward) for m in (a, a.model.layers[0], a.model.layers[0].mlp)]
     with actshift.patch(a, steering=actshift.SteeringPlan(add=torch.randn(D), strength=4.0)):
+        # generate() decides what to pass (attention_mask, position_ids, logits_to_keep) from these
+        assert [inspect.signature(m.forward) for m in (a, a.model.layers[0], a.model.layers[0].mlp)] == signatures
         assert not torch.allclose(run(a, ids), base, atol=1e-3)
         assert torch.equal(run(b, ids), base)
         assert type(a.model.layers[0]).forward is cls_forward and "forward" not in b.model.layers[0].__dict__

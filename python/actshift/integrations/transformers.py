@@ -11,6 +11,7 @@ swapped modules.
 """
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -393,6 +394,7 @@ def patch_steering(model: torch.nn.Module, steering, handle: PatchHandle) -> Non
         _wrap_forward(module, lambda fwd, m=module: _steered_forward(fwd, pre.get(m, ()), post.get(m, ()), handle), handle)
 
     def begin(fwd):
+        @functools.wraps(fwd)  # generate() reads the forward's signature (attention_mask, logits_to_keep, ...)
         def forward(*args, **kwargs):
             if not handle._needs_step:  # positions "all" and no callbacks: nothing to track
                 return fwd(*args, **kwargs)
@@ -407,6 +409,7 @@ def patch_steering(model: torch.nn.Module, steering, handle: PatchHandle) -> Non
 
 
 def _steered_forward(fwd, pre, post, handle: PatchHandle):
+    @functools.wraps(fwd)  # keeps the signature that callers inspect
     def forward(*args, **kwargs):
         if pre:
             x = _hidden_arg(args, kwargs)
