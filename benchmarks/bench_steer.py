@@ -13,6 +13,8 @@ bank stays in cache and is not counted):
                      direction, 2 add vectors (rows = 1, 8, 256, 4096 at d = 4096). The eager hook
                      is the composition of separate torch ops (18 passes over [rows, d]: 4 read-outs,
                      ablate, add, mix); ours reads x once and writes y once.
+  program inpl       the same, writing into x (out=x); rows the condition leaves alone are not
+                     written at all.
 """
 from __future__ import annotations
 
@@ -117,4 +119,20 @@ def program_cases(device: str) -> Iterator[Case]:
             for b in our_backends(device):
                 providers[f"actshift-{b}"] = lambda b=b, x=x: actshift.steer(x, plan, return_monitors=True, backend=b)
             yield Case("steer", "program", f"rows={rows} d={d}", dtype, providers,
+                       bytes_actshift=2 * act, bytes_eager=18 * act)
+
+            # In place (out=x), against the hook that adds its delta into x; x drifts by 0.01-sized
+            # steps per call (ablation is idempotent), harmless over the timed repetitions.
+            def program_inplace_eager(x=x):
+                mon = x @ Md.t()
+                gate = ((x @ cd) / x.norm(dim=-1) > 0).to(x.dtype)
+                z = x - (x @ ud)[:, None] * ud
+                z = z + vsum
+                return x.add_((2.0 * gate)[:, None] * (z - x)), mon
+
+            providers = {EAGER: program_inplace_eager, COMPILE: compiled(program_inplace_eager),
+                         COPY: lambda out=out, x=x: out.copy_(x)}
+            for b in our_backends(device):
+                providers[f"actshift-{b}"] = lambda b=b, x=x: actshift.steer(x, plan, out=x, return_monitors=True, backend=b)
+            yield Case("steer", "program inpl", f"rows={rows} d={d}", dtype, providers,
                        bytes_actshift=2 * act, bytes_eager=18 * act)

@@ -160,23 +160,69 @@ void check_cpu(const at::Tensor& x) {
 // plain loop over d that GCC vectorizes; the order of the fp32 operations per element is exactly
 // steer::program_element's (ablate q ascending, affine, add j ascending).
 
-// x·v with 16 independent partial sums, so the loop vectorizes without -ffast-math.
+// x·v; `omp simd reduction` lets GCC keep vector partial sums (no -ffast-math needed).
 __attribute__((always_inline)) inline float dot(const float* a, const float* b, int64_t d) {
-  float acc[16] = {};
-  int64_t i = 0;
-  for (; i + 16 <= d; i += 16) {
-    for (int j = 0; j < 16; ++j) acc[j] += a[i + j] * b[i + j];
-  }
-  float tail = 0.0f;
-  for (; i < d; ++i) tail += a[i] * b[i];
-  for (int j = 0; j < 16; j += 2) tail += acc[j] + acc[j + 1];
-  return tail;
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < d; ++i) sum += a[i] * b[i];
+  return sum;
 }
 
 // z += c · v
 __attribute__((always_inline)) inline void axpy(float* __restrict z, float c,
                                                 const float* __restrict v, int64_t d) {
   for (int64_t i = 0; i < d; ++i) z[i] += c * v[i];
+}
+
+// y = mix(x, z, c) with z = program_element(x) for k, m <= 2, in one vectorized pass; specialized
+// on (k, m) so the per-element work is straight-line code. y may alias x (same element order).
+template <typename T, int K, int M>
+__attribute__((always_inline)) inline void fused_fixed(const float* x, T* y, const float* U,
+                                                       const float* a, const float* affine,
+                                                       const float* V, const float* w, float c,
+                                                       int64_t d) {
+  const float a0 = K > 0 ? a[0] : 0.0f, a1 = K > 1 ? a[1] : 0.0f;
+  const float w0 = M > 0 ? w[0] : 0.0f, w1 = M > 1 ? w[1] : 0.0f;
+  if (affine != nullptr) {
+#pragma GCC ivdep
+    for (int64_t i = 0; i < d; ++i) {
+      float z = x[i];
+      if (K > 0) z -= a0 * U[i];
+      if (K > 1) z -= a1 * U[d + i];
+      z = affine[i] * z + affine[d + i];
+      if (M > 0) z += w0 * V[i];
+      if (M > 1) z += w1 * V[d + i];
+      store(y, i, steer::mix(x[i], z, c));
+    }
+  } else {
+#pragma GCC ivdep
+    for (int64_t i = 0; i < d; ++i) {
+      float z = x[i];
+      if (K > 0) z -= a0 * U[i];
+      if (K > 1) z -= a1 * U[d + i];
+      if (M > 0) z += w0 * V[i];
+      if (M > 1) z += w1 * V[d + i];
+      store(y, i, steer::mix(x[i], z, c));
+    }
+  }
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void fused_pass(const float* x, T* y, const float* U,
+                                                      const float* a, int k, const float* affine,
+                                                      const float* V, const float* w, int m,
+                                                      float c, int64_t d) {
+  switch (k * 3 + m) {
+    case 0: fused_fixed<T, 0, 0>(x, y, U, a, affine, V, w, c, d); return;
+    case 1: fused_fixed<T, 0, 1>(x, y, U, a, affine, V, w, c, d); return;
+    case 2: fused_fixed<T, 0, 2>(x, y, U, a, affine, V, w, c, d); return;
+    case 3: fused_fixed<T, 1, 0>(x, y, U, a, affine, V, w, c, d); return;
+    case 4: fused_fixed<T, 1, 1>(x, y, U, a, affine, V, w, c, d); return;
+    case 5: fused_fixed<T, 1, 2>(x, y, U, a, affine, V, w, c, d); return;
+    case 6: fused_fixed<T, 2, 0>(x, y, U, a, affine, V, w, c, d); return;
+    case 7: fused_fixed<T, 2, 1>(x, y, U, a, affine, V, w, c, d); return;
+    default: fused_fixed<T, 2, 2>(x, y, U, a, affine, V, w, c, d); return;
+  }
 }
 
 struct ProgramView {
@@ -218,18 +264,33 @@ __attribute__((always_inline)) inline bool program_row(const ProgramView& v, int
   }
   const float c = v.scalars[s * steer::kScalarCols + steer::kScalarStrength] * gate;
   if (c == 0.0f) return false;
-  // The program into zbuf.
   const float* U = v.ablate + s * v.K * d;
   float ablate_coef[steer::kMaxDirections];
   for (int q = 0; q < k; ++q) ablate_coef[q] = dot(xin, U + q * d, d) - v.targets[s * v.K + q];
+  const float* affine = (flags & steer::kAffine) ? v.affine + s * 2 * d : nullptr;
+  const float* w = row_w != nullptr ? row_w : v.weights + s * v.M;
+  const float* V = v.vectors + s * v.M * d;
+  if (!(flags & steer::kRenorm) && k <= 2 && m <= 2) {
+    // The common small programs: one fused pass writes y; neuron edits then patch their elements
+    // from the inputs saved beforehand (in place, y overwrites x).
+    const int32_t* idx = v.neuron_idx + s * v.N;
+    for (int q = 0; q < n; ++q) zbuf[q] = xin[idx[q]];
+    fused_pass<T>(xin, y, U, ablate_coef, k, affine, V, w, m, c, d);
+    for (int q = 0; q < n; ++q) {
+      const float z = steer::program_element(zbuf[q], ablate_coef, U, k, affine, w, V, m, d, idx[q]);
+      const float e = steer::neuron_edit(z, v.neuron_val[(s * 2) * v.N + q],
+                                         v.neuron_val[(s * 2 + 1) * v.N + q]);
+      store(y, idx[q], steer::mix(zbuf[q], e, c));
+    }
+    return true;
+  }
+  // The general program: z into zbuf pass by pass (same operation order), then y.
   for (int64_t i = 0; i < d; ++i) zbuf[i] = xin[i];
   for (int q = 0; q < k; ++q) axpy(zbuf, -ablate_coef[q], U + q * d, d);
-  if (flags & steer::kAffine) {
-    const float* a = v.affine + s * 2 * d;
-    for (int64_t i = 0; i < d; ++i) zbuf[i] = a[i] * zbuf[i] + a[d + i];
+  if (affine != nullptr) {
+    for (int64_t i = 0; i < d; ++i) zbuf[i] = affine[i] * zbuf[i] + affine[d + i];
   }
-  const float* w = row_w != nullptr ? row_w : v.weights + s * v.M;
-  for (int j = 0; j < m; ++j) axpy(zbuf, w[j], v.vectors + (s * v.M + j) * d, d);
+  for (int j = 0; j < m; ++j) axpy(zbuf, w[j], V + j * d, d);
   for (int q = 0; q < n; ++q) {
     const int64_t i = v.neuron_idx[s * v.N + q];
     zbuf[i] = steer::neuron_edit(zbuf[i], v.neuron_val[(s * 2) * v.N + q],
