@@ -185,7 +185,9 @@ class SteeringPlan:
                 parts[name] = t
         d = next(iter(parts.values())).shape[0]
         if scale is not None and bias is not None and parts["scale"].shape != parts["bias"].shape:
-            raise ValueError(f"scale and bias must both be [d], got {tuple(parts['scale'].shape)} and {tuple(parts['bias'].shape)}")
+            raise ValueError(
+                f"scale and bias must both be [d], got {tuple(parts['scale'].shape)} and {tuple(parts['bias'].shape)}"
+            )
         new.scale = parts.get("scale", torch.ones(d))
         new.bias = parts.get("bias", torch.zeros(d))
         return new
@@ -338,7 +340,8 @@ class SteeringBank:
             if di is not None and di != d:
                 raise ValueError(f"plans[{i}] has hidden size {di}, plans[0] has {d}")
             if p.neuron_idx is not None and int(p.neuron_idx.max()) >= d:
-                raise ValueError(f"plans[{i}] has neuron index {int(p.neuron_idx.max())}, out of range for hidden size {d}")
+                top = int(p.neuron_idx.max())
+                raise ValueError(f"plans[{i}] has neuron index {top}, out of range for hidden size {d}")
         self.plans = plans
         self._d = d
         self.is_additive = all(p.is_additive for p in plans)
@@ -404,9 +407,10 @@ class SteeringBank:
         else:
             vectors = _pad_rows([p.vectors for p in plans], M, (d,))
             weights = _pad_rows([p.weights for p in plans], M, ())
-        cond = [None if p.condition_vector is None else
-                (p.condition_vector / p.condition_vector.norm() if p.condition_kind == "cosine" else p.condition_vector)[None]
-                for p in plans]
+        cond = []  # unit-norm for cosine, so the kernels divide by ‖x‖ only
+        for p in plans:
+            c = p.condition_vector
+            cond.append(None if c is None else (c / c.norm() if p.condition_kind == "cosine" else c)[None])
         neuron_val = torch.zeros(S, 2, N)
         for i, p in enumerate(plans):
             if p.neuron_idx is not None:
