@@ -69,6 +69,14 @@ def test_progress_bar_reports(capsys):
     assert "4/4" in capsys.readouterr().err
 
 
+def test_simple_progress_without_tqdm(capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "tqdm.auto", None)  # import fails as if not installed
+    model, tok = tiny_lm.llama(), tiny_lm.tokenizer()
+    extract_activations(model, TEXTS, 0, tokenizer=tok, batch_size=3, progress=True)
+    err = capsys.readouterr().err
+    assert "extracting: 3/4" in err and "extracting: 4/4" in err
+
+
 def test_bad_inputs_name_the_argument():
     model, tok = tiny_lm.llama(), tiny_lm.tokenizer()
     with pytest.raises(ValueError, match="layers: layer 5 is out of range"):

@@ -51,8 +51,9 @@ def test_pca_recovers_a_planted_direction_with_the_right_sign():
         assert float(got_neg @ u) < -0.99
 
 
-def test_caa_and_pca_vectors_from_the_model():
-    model, tok = tiny_lm.llama(), tiny_lm.tokenizer("left")
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_caa_and_pca_vectors_from_the_model(arch):
+    model, tok = getattr(tiny_lm, arch)(), tiny_lm.tokenizer("left")
     caa = recipes.caa_vectors(model, PAIRS, [0, 1], tokenizer=tok, batch_size=3, progress=False)
     pca = recipes.pca_vectors(model, PAIRS, [0], tokenizer=tok, progress=False)
     pos = last_token_states(model, tok, [p for p, _ in PAIRS], 1)

@@ -4,6 +4,7 @@ hands them to the one fused op.
 
 Math helpers take activations ([n, d] tensors, e.g. from `extract_activations`); the model-level
 helpers extract them first. Vectors are fp32 on CPU, keyed by 0-based decoder layer.
+The patch layer is imported inside functions: it imports the op, which imports this package.
 """
 from __future__ import annotations
 
