@@ -395,3 +395,14 @@ def test_cuda_graph_capture_and_replay(rows):
         graph.replay()
         torch.cuda.synchronize()
         assert_close(static_y, expected(new_x, "relu", 0.0, w), torch.bfloat16)
+
+
+@pytest.mark.slow
+def test_benchmark_providers_compute_the_same():
+    """The benchmark's dense FFN and actshift agree on every quick case (Llama-2-7B shapes)."""
+    require_backend("cpu", "cpu")
+    from actshift.benchmarks import bench_relu_ffn
+    from actshift.benchmarks.harness import EAGER
+
+    for case in bench_relu_ffn.cases("cpu", quick=True):
+        assert_close(case.providers["actshift-cpu"](), case.providers[EAGER](), torch.float32)

@@ -282,3 +282,17 @@ def test_cuda_graph_capture_and_replay(rows):
         graph.replay()
         torch.cuda.synchronize()
         assert_close(static_y, expected(new_x, w, t, b), torch.float16)
+
+
+@pytest.mark.slow
+def test_benchmark_providers_compute_the_same():
+    """The benchmark compares like with like: eager (threshold, then F.linear) and actshift agree
+    on every quick case, and the union density in the note matches the inputs."""
+    require_backend("cpu", "cpu")
+    from actshift.benchmarks import bench_sparse_linear
+    from actshift.benchmarks.harness import EAGER
+
+    for case in bench_sparse_linear.cases("cpu", quick=True):
+        want = case.providers[EAGER]()
+        assert_close(case.providers["actshift-cpu"](), want, torch.float32)
+        assert "union density" in case.note
