@@ -203,7 +203,7 @@ at::Tensor relu_ffn_cuda(const at::Tensor& x, const at::Tensor& w_gate,
   const c10::cuda::CUDAGuard device_guard(x.device());
   const int64_t rows = x.size(0), d = x.size(1), ffn = w_gate.size(0);
   at::Tensor y = at::empty({rows, d}, x.options());
-  // fp32 hidden h [rows, ffn] followed by the fp32 down-projection accumulator [rows, d].
+  // The fp32 down-projection accumulator [rows, d] followed by the fp32 hidden h [rows, ffn].
   at::Tensor workspace = at::empty({rows * (ffn + d)}, x.options().dtype(at::kFloat));
   const cudaError_t err = cuda::launch_relu_ffn(
       dtype_of(x), x.const_data_ptr(), x.stride(0), w_gate.const_data_ptr(), data_or_null(w_up),

@@ -305,6 +305,99 @@ def test_gpu_opcheck_and_compile(backend):
         torch.library.opcheck(torch.ops.actshift.relu_ffn.default, args)
 
 
+# --- CUDA kernels (csrc/cuda/relu_ffn.cu): gate/up warps, split-K down, vector/scalar, graphs ----
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("rows", [1, 5, 8, 9, 20])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_many_tiles_and_skipped_rows(act, rows, dtype):
+    """Llama-like proportions (several chunks and strips in the down projection), biases, and NaN
+    in the up and down rows of neurons inactive in every row (groups of 8 rows past 8)."""
+    d, ffn = 512, 1376
+    gen = torch.Generator().manual_seed(rows)
+    w = weights(d, ffn, dtype, "cuda", biases=True, gen=gen)
+    off = torch.rand(ffn, generator=gen) < 0.4  # inactive in every row: gate far below zero
+    w["b_gate"] = torch.where(off.to("cuda"), -30.0, w["b_gate"].float() - 0.3).to(dtype)
+    x = torch.randn(rows, d, generator=gen).to(device="cuda", dtype=dtype)
+    t = safe_threshold(x, act, w) if act in THRESHOLD else 0.0
+    dead = gate_acts(x, act, t, w).eq(0).all(0)
+    assert int(dead.sum()) > 0
+    w_nan = dict(w)
+    for k in ("w_up", "w_down_t"):
+        w_nan[k] = w[k].clone()
+        w_nan[k][dead] = float("nan")
+    assert_close(run(x, act, t, w_nan, "cuda"), expected(x, act, t, w), dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_scalar_path_for_unaligned_operands(dtype):
+    """d whose rows are not 16-byte aligned, and misaligned data pointers, take the one-element
+    path of the same kernels."""
+
+    def misaligned(t):
+        if t is None:
+            return None
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+        buf[1:].view(t.shape).copy_(t)
+        return buf[1:].view(t.shape)
+
+    for gated in (True, False):
+        for rows, d, ffn in [(3, 37, 200), (2, 64, 130)]:
+            w = weights(d, ffn, dtype, "cuda", gated=gated, biases=True)
+            x = torch.randn(rows, d, device="cuda").to(dtype)
+            ref = expected(x, "relu", 0.0, w)
+            assert_close(run(x, "relu", 0.0, w, "cuda"), ref, dtype)
+            w_mis = {k: misaligned(v) for k, v in w.items()}
+            assert_close(run(misaligned(x), "relu", 0.0, w_mis, "cuda"), ref, dtype)
+
+
+@pytest.mark.cuda
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.integers(0, 20),
+    d=st.integers(1, 300),
+    ffn=st.integers(0, 1200),
+    act=st.sampled_from(ACTS),
+    gated=st.booleans(),
+    biases=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_cuda_property_against_reference(rows, d, ffn, act, gated, biases, dtype, seed):
+    assume(gated or act in NON_GATED)
+    gen = torch.Generator().manual_seed(seed)
+    w = weights(d, ffn, dtype, "cuda", gated=gated, biases=biases, gen=gen)
+    x = torch.randn(rows, d, generator=gen).to(device="cuda", dtype=dtype)
+    t = safe_threshold(x, act, w) if act in THRESHOLD and rows * ffn > 0 else 0.0
+    assert_close(run(x, act, t, w, "cuda"), expected(x, act, t, w), dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows", [1, 4, 12])
+def test_cuda_graph_capture_and_replay(rows):
+    """The active neurons are found on the device, so a captured graph stays right for new x."""
+    w = weights(256, 688, torch.bfloat16, "cuda", biases=True)
+    x = torch.randn(rows, 256, device="cuda").bfloat16()
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run(static_x, "relu", 0.0, w, "cuda")  # warm up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = run(static_x, "relu", 0.0, w, "cuda")
+    for scale in (1.0, -2.0, 0.0):
+        new_x = (torch.randn(rows, 256, device="cuda") * scale).bfloat16()
+        static_x.copy_(new_x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(static_y, expected(new_x, "relu", 0.0, w), torch.bfloat16)
+
+
 @pytest.mark.slow
 def test_benchmark_providers_compute_the_same():
     """The benchmark's dense FFN and actshift agree on every quick case (Llama-2-7B shapes)."""

@@ -200,6 +200,90 @@ def test_gpu_opcheck_and_compile(backend):
         torch.library.opcheck(torch.ops.actshift.sparse_linear.default, (x, w, torch.tensor([1.0], device="cuda"), b))
 
 
+# --- CUDA kernel (csrc/cuda/sparse_linear.cu): split-K tiles, vector/scalar paths, graphs --------
+
+
+def misaligned(t):
+    """A contiguous copy of t whose data pointer is one element past a 16-byte boundary."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = buf[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows", [1, 2, 7, 16, 17, 33])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_many_tiles_and_skipped_rows(rows, dtype):
+    """Shapes with several input chunks and column strips per block grid, per-channel thresholds,
+    NaN in every weight row whose input is inactive in all rows (reading one would give NaN)."""
+    n, out = 1100, 520
+    x, w, b = make(rows, n, out, 0.9, dtype, "cuda")
+    t = torch.where(torch.rand(n, device="cuda") < 0.5, 0.95, 1.05)
+    dead = ~(x.float().abs() > t).any(0)
+    assert int(dead.sum()) > 0
+    w_nan = w.clone()
+    w_nan[dead] = float("nan")
+    assert_close(actshift.sparse_linear(x, w_nan, t, b, backend="cuda"), expected(x, w, t, b), dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_scalar_path_for_unaligned_operands(dtype):
+    """Weights whose rows are not 16-byte aligned (odd out, or a misaligned pointer) take the
+    one-element path of the same kernel."""
+    for rows, n, out in [(3, 300, 77), (5, 257, 64)]:
+        x, w, b = make(rows, n, out, 0.5, dtype, "cuda")
+        ref = expected(x, w, 1.0, b)
+        assert_close(actshift.sparse_linear(x, w, 1.0, b, backend="cuda"), ref, dtype)
+        assert_close(actshift.sparse_linear(misaligned(x), misaligned(w), 1.0, misaligned(b), backend="cuda"), ref, dtype)
+
+
+@pytest.mark.cuda
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.integers(0, 40),
+    n=st.integers(0, 1500),
+    out=st.integers(1, 300),
+    sparsity=st.sampled_from([0.0, 0.5, 0.9, 0.99, 1.0]),
+    per_channel=st.booleans(),
+    bias=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_cuda_property_against_reference(rows, n, out, sparsity, per_channel, bias, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, w, b = make(rows, n, out, sparsity, dtype, bias=bias, gen=g)
+    t = torch.where(torch.rand(n, generator=g) < 0.5, 0.95, 1.05) if per_channel else 1.0
+    x, w, b = x.cuda(), w.cuda(), None if b is None else b.cuda()
+    t = t.cuda() if per_channel else t
+    assert_close(actshift.sparse_linear(x, w, t, b, backend="cuda"), expected(x, w, t, b), dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows", [1, 8, 20])
+def test_cuda_graph_capture_and_replay(rows):
+    """The active set is found on the device, so a captured graph stays right when x changes
+    (workspace from the caching allocator, memset and kernels all on the capturing stream)."""
+    x, w, b = make(rows, 700, 256, 0.9, torch.float16, "cuda")
+    t = torch.rand(700, device="cuda") + 0.5
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        actshift.sparse_linear(static_x, w, t, b, backend="cuda")  # warm up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = actshift.sparse_linear(static_x, w, t, b, backend="cuda")
+    for sparsity in (0.5, 0.99, 0.0):
+        new_x, _, _ = make(rows, 700, 256, sparsity, torch.float16, "cuda")
+        static_x.copy_(new_x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(static_y, expected(new_x, w, t, b), torch.float16)
+
+
 @pytest.mark.slow
 def test_benchmark_providers_compute_the_same():
     """The benchmark compares like with like: eager (threshold, then F.linear) and actshift agree

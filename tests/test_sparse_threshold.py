@@ -136,3 +136,19 @@ def test_gpu_opcheck_and_compile(backend):
     assert_same(f(x), reference.sparse_threshold(x, t))
     if backend == "cuda":
         torch.library.opcheck(torch.ops.actshift.sparse_threshold.default, (x, t))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_vector_and_scalar_paths(dtype):
+    """16-byte packs for aligned rows; one element per thread for odd rows or a misaligned x."""
+    for rows, n in [(3, 4096), (70000, 8), (2, 4097), (5, 33)]:
+        x = torch.randn(rows, n, device="cuda").to(dtype)
+        x.view(-1)[:: 7] = float("nan")
+        t = torch.rand(n, device="cuda")
+        buf = torch.empty(x.numel() + 1, dtype=dtype, device="cuda")
+        x_mis = buf[1:].view(rows, n)
+        x_mis.copy_(x)
+        for xx in (x, x_mis):
+            assert_same(actshift.sparse_threshold(xx, t, backend="cuda"), reference.sparse_threshold(x, t))
+            assert_same(actshift.sparse_threshold(xx, 0.5, backend="cuda"), reference.sparse_threshold(x, 0.5))

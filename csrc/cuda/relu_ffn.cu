@@ -192,9 +192,10 @@ cudaError_t launch_cast(const void* x, int64_t x_stride, const void* w_gate, con
                         int64_t rows, int64_t d, int64_t ffn, cudaStream_t stream) {
   const GateParams<T> p{static_cast<const T*>(x), x_stride, static_cast<const T*>(w_gate),
                         static_cast<const T*>(w_up), static_cast<const T*>(b_gate),
-                        static_cast<const T*>(b_up), act, threshold, workspace, rows, d, ffn};
+                        static_cast<const T*>(b_up), act, threshold, workspace + rows * d, rows,
+                        d, ffn};
   return launch_typed<T>(p, static_cast<const T*>(w_down_t), static_cast<const T*>(b_down),
-                         static_cast<T*>(y), workspace + rows * ffn, stream);
+                         static_cast<T*>(y), workspace, stream);
 }
 
 }  // namespace

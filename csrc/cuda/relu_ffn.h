@@ -17,7 +17,8 @@ namespace cuda {
 //   w_gate, w_up, w_down_t: [ffn, d] contiguous (w_down_t = down_proj.weight.t()); w_up may be null.
 //   b_gate, b_up: [ffn] or nullptr; b_down: [d] or nullptr. y: [rows, d] contiguous.
 //   act:       sparse::Act code; threshold: its threshold (fatrelu, cats).
-//   workspace: rows * (ffn + d) fp32 values (used here; free once the stream passes it).
+//   workspace: rows * (d + ffn) fp32 values, 16-byte aligned: the down-projection accumulator
+//              [rows, d] then h [rows, ffn] (used here; free once the stream passes it).
 // Up rows and w_down_t rows of neurons that are inactive in every row of a group of up to 8 rows
 // are never read. Returns cudaSuccess without launching when rows == 0 or d == 0,
 // cudaErrorInvalidValue for arguments the kernels cannot handle, otherwise the first launch error.

@@ -15,7 +15,8 @@ namespace cuda {
 //   x:          [rows, in], last dim contiguous, `x_stride` elements between rows.
 //   weight_t:   [in, out] contiguous; y: [rows, out] contiguous; bias: [out] or nullptr.
 //   threshold:  fp32 device pointer: `in` values when per_channel, else one for every input.
-//   workspace:  rows * out fp32 values (zeroed and used here; free once the stream passes it).
+//   workspace:  rows * out fp32 values, 16-byte aligned for the vector path (zeroed and used here;
+//               free once the stream passes it).
 // Groups of up to 16 rows read the weight rows of their union of active inputs (|x| > t) once.
 // Returns cudaSuccess without launching when rows == 0 or out == 0, cudaErrorInvalidValue for
 // arguments the kernels cannot handle, otherwise the first launch error.

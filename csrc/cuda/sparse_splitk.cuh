@@ -16,7 +16,8 @@
 //   group, accumulating kR × kVec fp32 values in registers. Several entries are loaded before the
 //   FMAs (kUnroll) to keep enough bytes in flight.
 // - The 4 warps' partials are summed in shared memory (fixed order) and each column of the strip
-//   is added to acc with one fp32 atomicAdd per row; a block with no active input adds nothing.
+//   is added to acc with fp32 atomicAdds (128-bit ones for 4 columns on sm_90); a block with no
+//   active input adds nothing.
 //   Split-K partials therefore combine in fp32, never through fp16/bf16 atomics; their order
 //   across blocks is not fixed, so results can differ from run to run in the last fp32 bits.
 // - The caller turns acc into the output dtype (plus bias) with finalize_rows().
@@ -76,6 +77,23 @@ __device__ __forceinline__ void load_weights(const T* p, float (&out)[kVec]) {
   }
 }
 
+// dst[0..kN) += v, atomically per element; one 128-bit atomic on Hopper for kN == 4 (dst is then
+// 16-byte aligned: acc is, out is a multiple of 4 on the vector path, and so is the column).
+template <int kN>
+__device__ __forceinline__ void atomic_add(float* dst, const float (&v)[kN]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr bool kVector = kN == 4;
+#else
+  constexpr bool kVector = false;
+#endif
+  if constexpr (kVector) {
+    atomicAdd(reinterpret_cast<float4*>(dst), make_float4(v[0], v[1], v[2], v[3]));
+  } else {
+#pragma unroll
+    for (int q = 0; q < kN; ++q) atomicAdd(dst + q, v[q]);
+  }
+}
+
 // More loads in flight for few rows; fewer live registers for many (kR × kVec accumulators).
 template <int kR>
 __host__ __device__ constexpr int unroll_for() {
@@ -86,6 +104,8 @@ template <typename T, typename Coef, int kR, int kVec>
 __global__ void __launch_bounds__(kThreads) splitk_kernel(const Params<T, Coef> p) {
   constexpr int kStrip = 32 * kVec;
   constexpr int kUnroll = unroll_for<kR>();
+  // Columns per atomic: 4 on the vector path (kVec >= 4, so a group never crosses out).
+  constexpr int kAtomicVec = kVec >= 4 ? 4 : 1;
   __shared__ int active_idx[kMaxChunk];
   __shared__ __align__(16) float active_coef[kMaxChunk * kR];
   __shared__ float partial[kWarps][kStrip];
@@ -169,11 +189,15 @@ __global__ void __launch_bounds__(kThreads) splitk_kernel(const Params<T, Coef> 
 #pragma unroll
       for (int k = 0; k < kVec; ++k) partial[warp][lane * kVec + k] = acc[r][k];
       __syncthreads();
-      for (int c = threadIdx.x; c < kStrip; c += kThreads) {
-        float sum = partial[0][c];
+      for (int c = threadIdx.x * kAtomicVec; c < kStrip; c += kThreads * kAtomicVec) {
+        float sum[kAtomicVec];
 #pragma unroll
-        for (int w = 1; w < kWarps; ++w) sum += partial[w][c];
-        if (strip0 + c < p.out) atomicAdd(p.acc + (r0 + r) * p.out + strip0 + c, sum);
+        for (int q = 0; q < kAtomicVec; ++q) {
+          sum[q] = partial[0][c + q];
+#pragma unroll
+          for (int w = 1; w < kWarps; ++w) sum[q] += partial[w][c + q];
+        }
+        if (strip0 + c < p.out) atomic_add(p.acc + (r0 + r) * p.out + strip0 + c, sum);
       }
       // partial is rewritten for the next row; this barrier also ends every read of the list,
       // which the next row group rewrites.
@@ -224,7 +248,8 @@ cudaError_t accumulate(const Coef& coef, const T* w, float* acc, int64_t rows, i
   if (max_group_rows < 1 || max_group_rows > kMaxGroupRows) return cudaErrorInvalidValue;
   const Params<T, Coef> p{coef, w, acc, rows, in, out, kMaxChunk};
   constexpr int kVec = kPackBytes / sizeof(T);
-  const bool vec = is_aligned(w) && (out * static_cast<int64_t>(sizeof(T))) % kPackBytes == 0;
+  const bool vec = is_aligned(w) && is_aligned(acc) &&
+                   (out * static_cast<int64_t>(sizeof(T))) % kPackBytes == 0;
   return vec ? launch_vec<T, Coef, kVec>(p, max_group_rows, stream)
              : launch_vec<T, Coef, 1>(p, max_group_rows, stream);
 }

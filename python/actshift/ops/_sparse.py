@@ -53,7 +53,8 @@ def threshold_value(threshold, name: str = "threshold") -> float:
 def threshold_tensor(threshold, n: int, device: torch.device) -> torch.Tensor:
     """The threshold as the ops take it: fp32 [1] (a number) or [n] (per channel) on `device`.
     Values of a tensor are checked in eager mode only (under torch.compile the read would break
-    the graph; the C++ CPU op still checks them)."""
+    the graph, and while a CUDA graph captures it would need a forbidden sync; the C++ CPU op still
+    checks them)."""
     if isinstance(threshold, torch.Tensor):
         if not threshold.is_floating_point():
             raise TypeError(f"threshold must be a float tensor or a number, got {threshold.dtype}")
@@ -63,7 +64,8 @@ def threshold_tensor(threshold, n: int, device: torch.device) -> torch.Tensor:
         if t.device != device:
             raise ValueError(f"threshold is on {t.device} but x is on {device}")
         t = t.to(torch.float32).contiguous()
-        if not torch.compiler.is_compiling() and not bool((torch.isfinite(t) & (t >= 0)).all()):
+        capturing = t.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not torch.compiler.is_compiling() and not capturing and not bool((torch.isfinite(t) & (t >= 0)).all()):
             raise ValueError("threshold must be finite and >= 0 (found a negative, NaN or Inf value)")
         return t
     return torch.full((1,), threshold_value(threshold), dtype=torch.float32, device=device)
