@@ -8,10 +8,12 @@ import torch
 
 from . import bench_percentile, bench_steer
 from . import bench_relu_ffn, bench_sparse_linear  # sparse ops
+from . import bench_sparse_decode  # sparse module swaps, end to end
 from .harness import Result, Timer, derived, environment, plot, table, write_csv
 
 OPS = {"steer": bench_steer, "percentile": bench_percentile}
 OPS.update({"sparse_linear": bench_sparse_linear, "relu_ffn": bench_relu_ffn})  # sparse ops
+OPS["sparse_decode"] = bench_sparse_decode  # sparse module swaps, end to end
 
 
 def run(ops: list[str] | None, device: str | None, quick: bool, out_dir: str) -> int:
