@@ -34,6 +34,7 @@ PACKAGES = [
     "actshift.ood",
     # sparse activations (issues 5, 6)
     "actshift.sparse",
+    "actshift.integrations",
 ]
 
 

@@ -9,11 +9,13 @@ import torch
 from . import bench_percentile, bench_steer
 from . import bench_relu_ffn, bench_sparse_linear  # sparse ops
 from . import bench_sparse_decode  # sparse module swaps, end to end
+from . import bench_decode  # decode tokens/s of a patched model (model patching)
 from .harness import Result, Timer, derived, environment, plot, table, write_csv
 
 OPS = {"steer": bench_steer, "percentile": bench_percentile}
 OPS.update({"sparse_linear": bench_sparse_linear, "relu_ffn": bench_relu_ffn})  # sparse ops
 OPS["sparse_decode"] = bench_sparse_decode  # sparse module swaps, end to end
+OPS["decode"] = bench_decode
 
 
 def run(ops: list[str] | None, device: str | None, quick: bool, out_dir: str) -> int:
@@ -39,6 +41,9 @@ def run(ops: list[str] | None, device: str | None, quick: bool, out_dir: str) ->
     derived(results)
     print()
     print(table(results))
+    for name in ops or OPS:  # ops that report more than the table (e.g. decode tokens/s)
+        if hasattr(OPS[name], "summary"):
+            print(OPS[name].summary(results))
     os.makedirs(out_dir, exist_ok=True)
     csv_path = os.path.join(out_dir, f"{device}.csv")
     write_csv(csv_path, results, env)

@@ -16,6 +16,9 @@ from .steering import SteeringBank, SteeringPlan
 
 # sparse ops
 from .ops import cats_mlp, relu_ffn, sparse_linear, sparse_threshold  # noqa: E402
+# --- model patching (integrations/transformers.py) ---
+from .integrations.transformers import PatchHandle, SteeringSite, patch, unpatch
+# --- end model patching ---
 
 __all__ = [
     "__version__",
@@ -31,5 +34,10 @@ __all__ = [
     "get_backend",
     "info",
     "BackendUnavailableError",
+    # model patching
+    "patch",
+    "unpatch",
+    "SteeringSite",
+    "PatchHandle",
 ]
 __all__ += ["sparse_threshold", "sparse_linear", "relu_ffn", "cats_mlp"]  # sparse ops

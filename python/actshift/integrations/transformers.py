@@ -1,0 +1,497 @@
+"""Patch a Hugging Face transformers model in place: `patch(model, steering=...)`, `unpatch(model)`.
+
+Per instance only: the blocks, attention and MLP submodules of THIS model get an instance-level
+`forward` that calls the original one and steers its output (or its input, for "block_input");
+the class and every other instance stay untouched, and `unpatch` puts back exactly what was there.
+
+Extension point: `FEATURES` maps each keyword of `patch` to a function `patch_x(model, spec, handle)`
+that changes the model and registers how to undo it with `handle.add_undo(fn)`; `unpatch` runs the
+undos in reverse order. Module swaps (sparsity, ffn) run before steering, so steering wraps the
+swapped modules.
+"""
+from __future__ import annotations
+
+import functools
+import operator
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..ops.steer import steer
+from ..steering.plan import SteeringBank, SteeringPlan, as_bank
+
+SITES = ("block_output", "block_input", "attention_output", "mlp_output")
+POSITIONS = ("all", "prompt", "generated")
+
+
+@dataclass(frozen=True)
+class Locator:
+    """Where an architecture keeps its decoder blocks and their sublayers (dotted paths)."""
+
+    layers: str  # suffix of the ModuleList of blocks, relative to any module of the model
+    attention: str  # inside a block: the module whose output is the attention's contribution
+    mlp: str  # inside a block: the module whose output is the MLP's contribution
+
+
+# attention/mlp outputs are the sublayer's contribution before it joins the residual stream (before
+# any post-norm); BERT's BertSelfOutput/BertOutput fold residual and LayerNorm in, so its sites are
+# their dense projections.
+LOCATORS: dict[str, Locator] = {
+    "llama": Locator("layers", "self_attn", "mlp"),
+    "mistral": Locator("layers", "self_attn", "mlp"),
+    "qwen2": Locator("layers", "self_attn", "mlp"),
+    "qwen3": Locator("layers", "self_attn", "mlp"),
+    "gemma2": Locator("layers", "self_attn", "mlp"),
+    "gemma3_text": Locator("layers", "self_attn", "mlp"),
+    "phi3": Locator("layers", "self_attn", "mlp"),
+    "gpt2": Locator("h", "attn", "mlp"),
+    "gpt_neox": Locator("layers", "attention", "mlp"),
+    "bert": Locator("encoder.layer", "attention.output.dense", "output.dense"),
+}
+
+
+@dataclass(eq=False)
+class SteeringSite:
+    """One steering instruction: `plan` at `site` of `layers`, on the tokens chosen by `positions`.
+
+    Args:
+        plan: a SteeringPlan (every row), or a SteeringBank / list of plans selected per batch row
+            by `handle.set_slots(...)` (-1 leaves a row alone).
+        layers: a layer index, a sequence of them, or None for every layer (negative counts from the end).
+        site: "block_output" (residual stream after the block), "block_input", "attention_output"
+            or "mlp_output".
+        positions: "all", "prompt" (tokens of the prefill), "generated" (tokens after it), or a bool
+            tensor [batch, L] over absolute positions (cache coordinates; positions >= L are not steered).
+        name: a key for `handle.set_weights({name: ...})`.
+    """
+
+    plan: SteeringPlan | SteeringBank | Sequence[SteeringPlan]
+    layers: int | Sequence[int] | None = None
+    site: str = "block_output"
+    positions: str | torch.Tensor = "all"
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.site not in SITES:
+            raise ValueError(f"site must be one of {', '.join(SITES)}; got {self.site!r}")
+        if isinstance(self.positions, torch.Tensor):
+            if self.positions.dtype != torch.bool or self.positions.dim() != 2:
+                raise TypeError(f"positions as a tensor must be a bool mask [batch, seq], got {self.positions.dtype} "
+                                f"with shape {tuple(self.positions.shape)}")
+        elif self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {', '.join(POSITIONS)} or a bool mask; got {self.positions!r}")
+        self.bank = as_bank(self.plan)  # TypeError for anything else
+        self.per_row = not isinstance(self.plan, SteeringPlan)  # banks select plans by slot
+
+
+@dataclass
+class Step:
+    """What the patched model's current forward processes (given to `on_step` callbacks)."""
+
+    past_length: int  # tokens already in the KV cache
+    prompt_length: int | None  # the prefill length (or the pinned one); None before any prefill
+
+
+class PatchHandle:
+    """Returned by `patch`: per-request controls, monitors, and the undo list of the patch.
+
+    Slots and weights are copied into buffers that keep their identity while the shape stays the
+    same, so a CUDA graph captured once sees every later update.
+    """
+
+    def __init__(self, model: torch.nn.Module, backend: str):
+        self.model = model
+        self.backend = backend
+        self.sites: list[SteeringSite] = []
+        self.monitors: dict[tuple[int, str], object] = {}
+        self.step: Step | None = None
+        self._undo: list[Callable[[], None]] = []
+        self._slots: torch.Tensor | None = None
+        self._weights: dict[str | None, torch.Tensor] = {}
+        self._callbacks: list[Callable[[PatchHandle, Step], None]] = []
+        self._pinned_prompt: int | None = None
+        self._seen_prompt: int | None = None  # prompt length of the last prefill
+        self._needs_step = False
+
+    # --- extension point -------------------------------------------------------------------------
+
+    def add_undo(self, fn: Callable[[], None]) -> None:
+        """Registers how to revert one change; `unpatch` calls them last-in, first-out."""
+        self._undo.append(fn)
+
+    def unpatch(self) -> None:
+        """Restores the model exactly as it was before `patch`."""
+        unpatch(self.model)
+
+    def __enter__(self) -> PatchHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if get_handle(self.model) is self:
+            unpatch(self.model)
+
+    # --- per-request controls --------------------------------------------------------------------
+
+    def set_slots(self, slots: torch.Tensor | None) -> None:
+        """Plan index per batch row for every site given a bank (-1 = unsteered); None clears."""
+        if slots is not None:
+            if not isinstance(slots, torch.Tensor) or slots.dtype not in (torch.int32, torch.int64):
+                raise TypeError("slots must be an int32 or int64 tensor [batch]")
+            if slots.dim() != 1:
+                raise ValueError(f"slots must be [batch], got shape {tuple(slots.shape)}")
+            top = max(len(s.bank) for s in self.sites if s.per_row) if any(s.per_row for s in self.sites) else 0
+            if slots.numel() and int(slots.max()) >= top:
+                raise ValueError(f"slots holds {int(slots.max())}, out of range for banks of {top} plan(s)")
+        self._slots = _store(self._slots, slots)
+
+    def set_weights(self, weights: torch.Tensor | Mapping[str, torch.Tensor] | None) -> None:
+        """Per-row multipliers of the steering, a float tensor [batch]: one for every site, or a
+        mapping {SteeringSite.name: tensor} for named sites. None clears all. Call it from an
+        `on_step` callback to change the weights at every generated token."""
+        items = weights.items() if isinstance(weights, Mapping) else [(None, weights)]
+        names = {s.name for s in self.sites}
+        for name, w in items:
+            if name is not None and name not in names:
+                raise ValueError(f"weights names {name!r}, which no SteeringSite carries (names: {sorted(n for n in names if n)})")
+            if w is None:
+                self._weights.pop(name, None)
+                continue
+            if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+                raise TypeError("weights must be a floating-point tensor [batch]")
+            if w.dim() != 1:
+                raise ValueError(f"weights must be [batch], got shape {tuple(w.shape)}")
+            self._weights[name] = _store(self._weights.get(name), w.float())
+        if weights is None:
+            self._weights.clear()
+
+    def set_prompt_length(self, n: int | None) -> None:
+        """Pins the prompt length for "prompt"/"generated" positions (e.g. to recompute a generation
+        without the cache); None (default) takes it from each prefill (a forward on an empty cache)."""
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise ValueError(f"prompt length must be a non-negative int or None, got {n!r}")
+        self._pinned_prompt = n
+
+    def on_step(self, fn: Callable[[PatchHandle, Step], None]) -> Callable[[], None]:
+        """Calls fn(handle, step) before every forward of the patched model (each generated token);
+        fn may call set_weights / set_slots. Returns a function that removes the callback."""
+        self._callbacks.append(fn)
+        self._needs_step = True
+
+        def remove() -> None:
+            if fn in self._callbacks:
+                self._callbacks.remove(fn)
+
+        return remove
+
+    # --- runtime ---------------------------------------------------------------------------------
+
+    def _begin_forward(self, kwargs: dict) -> None:
+        cache = kwargs.get("past_key_values")
+        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        prompt = self._pinned_prompt
+        if prompt is None and past > 0:  # a decode step: the prefill's length, else all cached tokens
+            prompt = self._seen_prompt if self._seen_prompt is not None else past
+        self.step = Step(past_length=past, prompt_length=prompt)
+        for fn in list(self._callbacks):
+            fn(self, self.step)
+
+    def _end_forward(self) -> None:
+        if self.step.past_length == 0 and self._pinned_prompt is None:
+            self._seen_prompt = self.step.prompt_length
+        self.step = None  # a later call that bypasses the patched model must not see a stale step
+
+    def _gate(self, site: SteeringSite, batch: int, seq: int, device) -> torch.Tensor | None | bool:
+        """Per-row multiplier [batch, seq] for this call, None for "all rows fully", False for none."""
+        positions = site.positions
+        mask = None
+        if not isinstance(positions, str) or positions != "all":
+            step = self.step
+            if step is None:
+                raise RuntimeError("positions other than 'all' need the forward to go through the patched model itself")
+            if step.prompt_length is None:  # a prefill (empty cache): its tokens are the prompt
+                step.prompt_length = seq
+            past, prompt = step.past_length, step.prompt_length
+            if isinstance(positions, torch.Tensor):
+                if positions.shape[0] not in (1, batch):
+                    raise ValueError(f"positions mask has {positions.shape[0]} rows but the batch has {batch}")
+                cols = positions[:, past:past + seq].to(device)
+                if cols.shape[1] < seq:
+                    cols = torch.nn.functional.pad(cols, (0, seq - cols.shape[1]), value=False)
+                mask = cols.expand(batch, seq)
+            else:
+                first_gen = max(0, min(seq, prompt - past))  # tokens [0, first_gen) of this call are prompt
+                lo, hi = (0, first_gen) if positions == "prompt" else (first_gen, seq)
+                if lo >= hi:
+                    return False
+                if hi - lo < seq:
+                    idx = torch.arange(seq, device=device)
+                    mask = ((idx >= lo) & (idx < hi)).expand(batch, seq)
+        w = self._weights.get(site.name) if site.name is not None else None
+        if w is None:
+            w = self._weights.get(None)
+        if w is not None:
+            if w.shape[0] != batch:
+                raise ValueError(f"weights hold {w.shape[0]} rows but the batch has {batch}")
+            w = w[:, None].expand(batch, seq)
+            return w if mask is None else w * mask
+        return None if mask is None else mask.float()
+
+    def _slot(self, site: SteeringSite, batch: int, seq: int) -> torch.Tensor | None:
+        if not site.per_row:
+            return None
+        if self._slots is None:
+            raise ValueError("a SteeringSite holds a bank of plans: call handle.set_slots(tensor [batch]) first")
+        if self._slots.shape[0] != batch:
+            raise ValueError(f"slots hold {self._slots.shape[0]} rows but the batch has {batch}")
+        return self._slots[:, None].expand(batch, seq)
+
+    def _steer(self, layer: int, site: SteeringSite, x: torch.Tensor, in_place: bool) -> torch.Tensor:
+        """Steers x [batch, seq, d] (or [seq, d]); in place only where the caller says it is safe."""
+        batch, seq = (x.shape[0], x.shape[1]) if x.dim() == 3 else (1, x.shape[0])
+        gate = self._gate(site, batch, seq, x.device)
+        if gate is False:
+            return x
+        slot = self._slot(site, batch, seq)
+        if gate is not None:
+            gate = gate.to(x.device).reshape(x.shape[:-1])
+        if slot is not None:
+            slot = slot.to(x.device).reshape(x.shape[:-1])
+        in_place = in_place and x.is_contiguous() and not (torch.is_grad_enabled() and x.requires_grad)
+        result = steer(x, site.bank, slot=slot, gate=gate, out=x if in_place else None, backend=self.backend)
+        return self._collect(layer, site, result)
+
+    def _collect(self, layer: int, site: SteeringSite, result):
+        # MONITOR HOOK (to be wired by the lead when SteeringPlan grows monitors): steer returns
+        # (y, monitors) for plans with monitors; they are kept per (layer, site) for the user.
+        if isinstance(result, tuple):
+            result, monitors = result
+            self.monitors[(layer, site.site)] = monitors
+        return result
+
+
+def _store(buffer: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor | None:
+    """Copies into the existing buffer when shape and dtype match (keeps CUDA graph addresses)."""
+    if value is None:
+        return None
+    if buffer is not None and buffer.shape == value.shape and buffer.dtype == value.dtype and buffer.device == value.device:
+        return buffer.copy_(value)
+    return value.detach().clone()
+
+
+# The handle lives on the patched instance (no global registry, so a patched model can be freed).
+_HANDLE_ATTR = "_actshift_patch"
+
+
+# --- locating the sites ---------------------------------------------------------------------------
+
+
+def locate_layers(model: torch.nn.Module) -> tuple[Locator, torch.nn.ModuleList]:
+    """The architecture's locator and its ModuleList of decoder (or encoder) blocks."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        raise TypeError(f"model must be a transformers PreTrainedModel with a config, got {type(model).__name__}")
+    loc = LOCATORS.get(model_type)
+    if loc is None:
+        raise ValueError(f"model type {model_type!r} is not supported; supported: {', '.join(LOCATORS)}")
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and (name == loc.layers or name.endswith("." + loc.layers)):
+            return loc, module
+    raise ValueError(f"no ModuleList '{loc.layers}' found in this {model_type} model")
+
+
+def _resolve_layers(layers, n: int) -> list[int]:
+    if layers is None:
+        return list(range(n))
+    items = list(layers) if isinstance(layers, Iterable) else [layers]
+    out = []
+    for i in items:
+        try:
+            i = operator.index(i)  # ints, numpy ints, 0-d int tensors; not floats
+        except TypeError:
+            raise TypeError(f"layers must be ints, got {type(i).__name__}") from None
+        if not -n <= i < n:
+            raise ValueError(f"layer {i} is out of range for a model with {n} layers")
+        out.append(i % n)
+    return out
+
+
+def _as_sites(steering) -> list[SteeringSite]:
+    if isinstance(steering, SteeringSite):
+        return [steering]
+    if isinstance(steering, (SteeringPlan, SteeringBank)):
+        return [SteeringSite(plan=steering)]
+    if isinstance(steering, Mapping):
+        sites = []
+        for layer, plan in steering.items():
+            if isinstance(layer, bool) or not isinstance(layer, int):
+                raise TypeError(f"steering mapping keys must be layer indices (int), got {layer!r}")
+            sites.append(SteeringSite(plan=plan, layers=[layer]))
+        return sites
+    if isinstance(steering, Sequence) and not isinstance(steering, (str, bytes)):
+        if all(isinstance(s, SteeringSite) for s in steering) and steering:
+            return list(steering)
+    raise TypeError("steering must be a SteeringPlan, a SteeringBank, a {layer: plan} mapping, a SteeringSite "
+                    f"or a list of SteeringSites; got {type(steering).__name__}")
+
+
+# --- features -------------------------------------------------------------------------------------
+
+
+def _wrap_forward(module: torch.nn.Module, make: Callable, handle: PatchHandle) -> None:
+    """Gives `module` an instance-level forward built from its current one; registers the undo."""
+    had = "forward" in module.__dict__
+    old = module.__dict__.get("forward")
+    module.__dict__["forward"] = make(module.forward)
+
+    def undo() -> None:
+        if had:
+            module.__dict__["forward"] = old
+        else:
+            module.__dict__.pop("forward", None)
+
+    handle.add_undo(undo)
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _replace_first(out, value):
+    return (value,) + tuple(out[1:]) if isinstance(out, tuple) else value
+
+
+def _hidden_arg(args, kwargs):
+    return args[0] if args else kwargs.get("hidden_states")
+
+
+def patch_steering(model: torch.nn.Module, steering, handle: PatchHandle) -> None:
+    """Installs steering wrappers (see `patch`). Validates everything before changing the model."""
+    sites = _as_sites(steering)
+    loc, blocks = locate_layers(model)
+    hidden = getattr(model.config, "hidden_size", None)
+    n = len(blocks)
+    pre: dict[torch.nn.Module, list] = {}
+    post: dict[torch.nn.Module, list] = {}
+    for s in sites:
+        if hidden is not None and s.bank.hidden_size != hidden:
+            raise ValueError(f"steering plan has hidden size {s.bank.hidden_size} but the model's hidden size is {hidden}")
+        for i in _resolve_layers(s.layers, n):
+            block = blocks[i]
+            if s.site == "block_input":
+                pre.setdefault(block, []).append((i, s))
+            else:
+                path = {"block_output": "", "attention_output": loc.attention, "mlp_output": loc.mlp}[s.site]
+                target = block.get_submodule(path)
+                post.setdefault(target, []).append((i, s))
+    handle.sites.extend(sites)
+    handle._needs_step = handle._needs_step or any(
+        isinstance(s.positions, torch.Tensor) or s.positions != "all" for s in sites)
+
+    for module in list(dict.fromkeys([*pre, *post])):
+        _wrap_forward(module, lambda fwd, m=module: _steered_forward(fwd, pre.get(m, ()), post.get(m, ()), handle), handle)
+
+    def begin(fwd):
+        @functools.wraps(fwd)  # generate() reads the forward's signature (attention_mask, logits_to_keep, ...)
+        def forward(*args, **kwargs):
+            if not handle._needs_step:  # positions "all" and no callbacks: nothing to track
+                return fwd(*args, **kwargs)
+            handle._begin_forward(kwargs)
+            out = fwd(*args, **kwargs)
+            handle._end_forward()
+            return out
+
+        return forward
+
+    _wrap_forward(model, begin, handle)
+
+
+def _steered_forward(fwd, pre, post, handle: PatchHandle):
+    @functools.wraps(fwd)  # keeps the signature that callers inspect
+    def forward(*args, **kwargs):
+        if pre:
+            x = _hidden_arg(args, kwargs)
+            for layer, site in pre:  # out of place: the block's input is the previous block's output
+                x = handle._steer(layer, site, x, in_place=False)
+            if args:
+                args = (x,) + args[1:]
+            else:
+                kwargs["hidden_states"] = x
+        out = fwd(*args, **kwargs)
+        if post:
+            y = _first(out)
+            # In place saves a pass, unless the module handed back its own input (which its caller
+            # may still use, e.g. as the residual).
+            in_place = y is not _hidden_arg(args, kwargs)
+            for layer, site in post:
+                y = handle._steer(layer, site, y, in_place=in_place)
+            out = _replace_first(out, y)
+        return out
+
+    return forward
+
+
+def patch_sparsity(model: torch.nn.Module, spec, handle: PatchHandle) -> None:
+    """Swaps linear layers for sparse-activation ones (not connected yet)."""
+    raise NotImplementedError("patch(sparsity=...) is not connected yet: the sparse_linear module swap plugs in here")
+
+
+def patch_ffn(model: torch.nn.Module, spec, handle: PatchHandle) -> None:
+    """Swaps MLPs for ReLU-sparse FFN ones (not connected yet)."""
+    raise NotImplementedError("patch(ffn=...) is not connected yet: the relu_ffn module swap plugs in here")
+
+
+# Applied in this order (module swaps before steering wraps the modules); undone in reverse.
+FEATURES: dict[str, Callable[[torch.nn.Module, object, PatchHandle], None]] = {
+    "sparsity": patch_sparsity,
+    "ffn": patch_ffn,
+    "steering": patch_steering,
+}
+
+
+def patch(model: torch.nn.Module, *, steering=None, sparsity=None, ffn=None, backend: str = "auto") -> PatchHandle:
+    """Patches this model instance in place and returns the handle (also a context manager).
+
+    Args:
+        model: a transformers model of a type in LOCATORS (e.g. LlamaForCausalLM, GPT2LMHeadModel).
+        steering: a SteeringPlan or SteeringBank (every layer's block output), a {layer: plan}
+            mapping, a SteeringSite, or a list of SteeringSites.
+        sparsity, ffn: module swaps (not connected yet; NotImplementedError).
+        backend: the steer backend ("auto", "cpu", "triton", "cuda", "reference").
+
+    Call the patched model itself (or its generate), so the handle sees each step's cache length.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if get_handle(model) is not None:
+        raise ValueError("model is already patched; call actshift.unpatch(model) first")
+    handle = PatchHandle(model, backend)
+    specs = {"sparsity": sparsity, "ffn": ffn, "steering": steering}
+    try:
+        for name, fn in FEATURES.items():
+            if specs[name] is not None:
+                fn(model, specs[name], handle)
+    except BaseException:
+        _undo_all(handle)
+        raise
+    model.__dict__[_HANDLE_ATTR] = handle
+    return handle
+
+
+def _undo_all(handle: PatchHandle) -> None:
+    while handle._undo:
+        handle._undo.pop()()
+
+
+def unpatch(model: torch.nn.Module) -> None:
+    """Reverts `patch`: the model's modules and forwards are exactly the original ones again."""
+    handle = model.__dict__.pop(_HANDLE_ATTR, None) if isinstance(model, torch.nn.Module) else None
+    if handle is None:
+        raise ValueError("model is not patched by actshift")
+    _undo_all(handle)
+
+
+def get_handle(model: torch.nn.Module) -> PatchHandle | None:
+    """The handle of a patched model, or None."""
+    return model.__dict__.get(_HANDLE_ATTR)
