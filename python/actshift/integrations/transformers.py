@@ -83,6 +83,14 @@ class SteeringSite:
             raise ValueError(f"positions must be one of {', '.join(POSITIONS)} or a bool mask; got {self.positions!r}")
         self.bank = as_bank(self.plan)  # TypeError for anything else
         self.per_row = not isinstance(self.plan, SteeringPlan)  # banks select plans by slot
+        self._masks: dict[torch.device, torch.Tensor] = {}
+
+    def mask_on(self, device: torch.device) -> torch.Tensor:
+        """The positions mask on `device`, copied once (no host-to-device copy per layer and step)."""
+        mask = self._masks.get(device)
+        if mask is None:
+            mask = self._masks[device] = self.positions.to(device)
+        return mask
 
 
 @dataclass
@@ -215,7 +223,7 @@ class PatchHandle:
             if isinstance(positions, torch.Tensor):
                 if positions.shape[0] not in (1, batch):
                     raise ValueError(f"positions mask has {positions.shape[0]} rows but the batch has {batch}")
-                cols = positions[:, past:past + seq].to(device)
+                cols = site.mask_on(device)[:, past:past + seq]
                 if cols.shape[1] < seq:
                     cols = torch.nn.functional.pad(cols, (0, seq - cols.shape[1]), value=False)
                 mask = cols.expand(batch, seq)
