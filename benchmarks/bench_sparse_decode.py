@@ -61,7 +61,7 @@ def decode_step(model, prompt: torch.Tensor):
     return step
 
 
-def _bytes(model, cfg: dict, dtype: torch.dtype) -> dict[str, int]:
+def _bytes(cfg: dict, dtype: torch.dtype) -> dict[str, int]:
     es = torch.tensor([], dtype=dtype).element_size()
     d, ffn, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     kv = d // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
@@ -82,7 +82,7 @@ def cases(device: str, quick: bool) -> Iterator[Case]:
     held_out = [torch.randint(0, VOCAB, (2, 64), generator=gen).to(device)]
     prompt = torch.randint(0, VOCAB, (1, cfg["prompt"]), generator=gen).to(device)
     shape = f"d={cfg['hidden_size']} ffn={cfg['intermediate_size']} L={cfg['num_hidden_layers']} ctx={cfg['prompt']}"
-    b = _bytes(None, cfg, dtype)
+    b = _bytes(cfg, dtype)
     dense_bytes = b["attn"] + b["mlp"] + b["other"]
 
     model = build(cfg, device)
