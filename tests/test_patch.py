@@ -411,10 +411,6 @@ def test_bad_inputs_name_the_argument():
         actshift.patch(model, steering="add")
     with pytest.raises(TypeError, match="plan must be"):
         actshift.SteeringSite(plan=torch.randn(D))
-    with pytest.raises(NotImplementedError, match="sparsity"):
-        actshift.patch(model, sparsity={"threshold": 0.1})
-    with pytest.raises(NotImplementedError, match="ffn"):
-        actshift.patch(model, ffn="relu")
     with pytest.raises(TypeError, match="model must be"):
         actshift.patch(torch.nn.Linear(2, 2), steering=plan)
     with pytest.raises(ValueError, match="not patched"):

@@ -4,48 +4,61 @@
     plan = actshift.SteeringPlan(add=v, strength=4.0)
     y = actshift.steer(hidden, plan)
     shaped = actshift.percentile_scale(features, 85, "scale")
+    y = actshift.sparse_linear(x, linear.weight.t().contiguous(), 0.1)
+    handle = actshift.patch(model, steering=plan)          # transformers models, per instance
 """
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from . import sparse
 from .backends import BackendUnavailableError, get_backend, set_backend
 from .info import info
-from .ops import adascale_stats, apply_steer, energy, percentile_scale, scale_ratio, steer
-from .steering import SteeringBank, SteeringPlan
-
-# --- model patching (integrations/transformers.py) ---
 from .integrations.transformers import PatchHandle, SteeringSite, patch, unpatch
-# --- end model patching ---
-
-# --- steering recipes and files (steering/extract.py, recipes.py, formats.py) ---
-from .steering import extract_activations
-from .steering import recipes
-# --- end steering recipes ---
-# sparse ops
-from .ops import cats_mlp, relu_ffn, sparse_linear, sparse_threshold  # noqa: E402
+from .ops import (
+    adascale_stats,
+    apply_steer,
+    cats_mlp,
+    energy,
+    percentile_scale,
+    relu_ffn,
+    scale_ratio,
+    sparse_linear,
+    sparse_threshold,
+    steer,
+)
+from .sparse import relufy, sparsity_report
+from .steering import SteeringBank, SteeringPlan, extract_activations, recipes
 
 __all__ = [
     "__version__",
+    # ops
     "steer",
     "apply_steer",
     "percentile_scale",
     "scale_ratio",
     "energy",
     "adascale_stats",
+    "sparse_threshold",
+    "sparse_linear",
+    "relu_ffn",
+    "cats_mlp",
+    # steering plans, recipes, extraction
     "SteeringPlan",
     "SteeringBank",
-    "set_backend",
-    "get_backend",
-    "info",
-    "BackendUnavailableError",
-    # model patching
+    "extract_activations",
+    "recipes",
+    # model patching and sparse activations
     "patch",
     "unpatch",
     "SteeringSite",
     "PatchHandle",
-    # steering recipes and files
-    "extract_activations",
-    "recipes",
+    "sparse",
+    "relufy",
+    "sparsity_report",
+    # backends
+    "set_backend",
+    "get_backend",
+    "info",
+    "BackendUnavailableError",
 ]
-__all__ += ["sparse_threshold", "sparse_linear", "relu_ffn", "cats_mlp"]  # sparse ops

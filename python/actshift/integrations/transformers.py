@@ -442,13 +442,17 @@ def _steered_forward(fwd, pre, post, handle: PatchHandle):
 
 
 def patch_sparsity(model: torch.nn.Module, spec, handle: PatchHandle) -> None:
-    """Swaps linear layers for sparse-activation ones (not connected yet)."""
-    raise NotImplementedError("patch(sparsity=...) is not connected yet: the sparse_linear module swap plugs in here")
+    """`sparsity=`: calibrated actshift.sparse.Thresholds -> SparseLinear / CatsMLP swaps."""
+    from ..sparse import patch_sparsity as swap
+
+    swap(model, spec, handle)
 
 
 def patch_ffn(model: torch.nn.Module, spec, handle: PatchHandle) -> None:
-    """Swaps MLPs for ReLU-sparse FFN ones (not connected yet)."""
-    raise NotImplementedError("patch(ffn=...) is not connected yet: the relu_ffn module swap plugs in here")
+    """`ffn=`: "relu_sparse" -> exact ReLU-sparse FFN swaps (actshift.relu_ffn)."""
+    from ..sparse import patch_ffn as swap
+
+    swap(model, spec, handle)
 
 
 # Applied in this order (module swaps before steering wraps the modules); undone in reverse.
@@ -466,7 +470,9 @@ def patch(model: torch.nn.Module, *, steering=None, sparsity=None, ffn=None, bac
         model: a transformers model of a type in LOCATORS (e.g. LlamaForCausalLM, GPT2LMHeadModel).
         steering: a SteeringPlan or SteeringBank (every layer's block output), a {layer: plan}
             mapping, a SteeringSite, or a list of SteeringSites.
-        sparsity, ffn: module swaps (not connected yet; NotImplementedError).
+        sparsity: actshift.sparse.Thresholds from `actshift.sparse.calibrate` (TEAL sites: sparse
+            linears; "cats": sparse MLPs); decode steps run the sparse kernels, prefill stays dense.
+        ffn: "relu_sparse" swaps every ReLU-family FFN for the exact skipping kernel (relu_ffn).
         backend: the steer backend ("auto", "cpu", "triton", "cuda", "reference").
 
     Call the patched model itself (or its generate), so the handle sees each step's cache length.

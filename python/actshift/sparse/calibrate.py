@@ -9,6 +9,7 @@ TEAL's signed-histogram icdf this needs no symmetry assumption.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import numbers
 from collections.abc import Iterable
@@ -89,13 +90,15 @@ def run_batches(model: nn.Module, batches: Iterable, *, progress: bool = False, 
             it = tqdm(batches, desc=desc, leave=False)
         except ImportError:  # tqdm ships with transformers; without it, no bar
             pass
+    # No KV cache: calibration replays layers, which must not append to a cache the pass created.
+    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     n = 0
     with torch.no_grad():
         for batch in it:
             if isinstance(batch, torch.Tensor):
-                model(input_ids=batch)
+                model(input_ids=batch, **extra)
             elif isinstance(batch, dict):
-                model(**batch)
+                model(**{**extra, **batch})
             else:
                 raise TypeError(f"batches: each batch must be a tensor of input_ids or a dict of model kwargs, got {type(batch).__name__}")
             n += 1
@@ -289,7 +292,9 @@ class SparsityTable(dict):
 def realized_sparsity(model: nn.Module, thresholds: Thresholds, batches: Iterable, *, progress: bool = False) -> SparsityTable:
     """Share of activations zeroed at each (layer, site) on `batches` (e.g. held-out data), measured
     while the model runs sparsified (so upstream sparsity shifts downstream inputs, as deployed).
-    `mean` weights each site by the weight parameters that read it (TEAL's effective sparsity)."""
+    `mean` weights each site by the weight parameters that read it (TEAL's effective sparsity).
+    Thresholds are calibrated on dense activations, so sites downstream of sparsified ones (o,
+    down) typically come out a few points sparser than calibrated."""
     fam = _sites.family(model)
     lays = _sites.layers(model)
     thresholds.check_model(lays, fam)

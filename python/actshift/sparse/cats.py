@@ -31,6 +31,10 @@ class CatsMLP(nn.Module):
 
         m = self.mlp
         if is_decode(x):
+            if m.gate_proj.bias is None and m.up_proj.bias is None and m.down_proj.bias is None:
+                return actshift.cats_mlp(x, m.gate_proj.weight, m.up_proj.weight, self.w_down_t, self.threshold,
+                                         backend=self.backend)
+            # cats_mlp is relu_ffn's "cats" act without biases; mlp_bias=True configs need them.
             return actshift.relu_ffn(x, m.gate_proj.weight, m.up_proj.weight, self.w_down_t, "cats", self.threshold,
                                      b_gate=m.gate_proj.bias, b_up=m.up_proj.bias, b_down=m.down_proj.bias,
                                      backend=self.backend)

@@ -10,7 +10,9 @@ from .thresholds import check_threshold
 # Decode rule shared by the module swaps: the sparse kernels run when the input is one new token per
 # sequence ([batch, 1, d], batch <= 16; a 2-D input counts as rows <= 16). Anything else (prefill,
 # scoring a prompt) runs the original dense module, bit-exactly: the union of active inputs across
-# many rows is dense anyway, and the kernels fall back to a dense product there.
+# many rows is dense anyway, and the kernels fall back to a dense product there. A 2-D input
+# carries no sequence dim (OPT flattens before fc1), so a short prompt of <= 16 rows runs the
+# kernels too, which is exact for relu_ffn and within rounding of the dense product otherwise.
 DECODE_MAX_ROWS = 16
 
 

@@ -47,8 +47,11 @@ def _apply(model: nn.Module, swaps: list[tuple[nn.Module, str, nn.Module]], hand
 
 
 def _check_free(layer: _sites.Layer, path: str) -> nn.Module:
-    m = layer.module.get_submodule(path)
-    if isinstance(m, _SWAPPED):
+    try:
+        m = layer.module.get_submodule(path)
+    except AttributeError:
+        raise ValueError(f"model: layer {layer.index} has no {path} (already swapped by another patch?); unpatch first") from None
+    if isinstance(m, (*_SWAPPED, nn.Identity)):
         raise ValueError(f"model: layer {layer.index} {path} is already swapped ({type(m).__name__}); unpatch first")
     return m
 
@@ -88,7 +91,7 @@ def patch_sparsity(model: nn.Module, thresholds: Thresholds, handle=None, *, pre
                 raise ValueError(f"thresholds: CATS needs a SiLU MLP; layer {i} has {type(getattr(mlp, 'act_fn', None)).__name__}")
             swaps.append((layer.module, "mlp", CatsMLP(mlp, t, prefill=prefill, backend=be)))
             continue
-        for path, _ in layer.linears(site):
+        for path in _sites.SITE_PATHS[fam][site]:
             swaps.append((layer.module, path, SparseLinear(_check_free(layer, path), t, prefill=prefill, backend=be)))
     return _apply(model, swaps, handle)
 
@@ -121,7 +124,8 @@ def patch_ffn(model: nn.Module, mode: str = "relu_sparse", handle=None, *, backe
     be = _backend(backend, handle)
     swaps = []
     for layer in _sites.layers(model):
-        _check_free(layer, "mlp" if fam == "llama" else FFN_PATHS[fam][0])
+        for path in ("mlp", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj") if fam == "llama" else FFN_PATHS[fam]:
+            _check_free(layer, path)
         act_mod = layer.module.get_submodule(ACT_PATH[fam])
         act = relu_act(act_mod)
         if act is None:

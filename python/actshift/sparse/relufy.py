@@ -34,7 +34,13 @@ def act_modules(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
     """(layer module, path of its FFN activation, the activation module) per layer."""
     fam = _sites.family(model)
     path = ACT_PATH[fam]
-    return [(layer.module, path, layer.module.get_submodule(path)) for layer in _sites.layers(model)]
+    out = []
+    for layer in _sites.layers(model):
+        try:
+            out.append((layer.module, path, layer.module.get_submodule(path)))
+        except AttributeError:
+            raise ValueError(f"model: layer {layer.index} has no FFN activation at {path} (is its FFN patched?)") from None
+    return out
 
 
 def set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:

@@ -75,9 +75,10 @@ def family(model: nn.Module) -> str:
 
 
 def layers(model: nn.Module) -> list[Layer]:
-    """The model's transformer blocks in order: the first ModuleList whose items hold every site."""
+    """The model's transformer blocks in order: the first ModuleList whose items hold the attention
+    input linears (present whether or not the MLP has been swapped)."""
     fam = family(model)
-    paths = [p for ps in SITE_PATHS[fam].values() for p in ps]
+    paths = SITE_PATHS[fam]["qkv"]
     for module in model.modules():
         if isinstance(module, nn.ModuleList) and len(module) and all(_has(module[0], p) for p in paths):
             return [Layer(i, block, fam) for i, block in enumerate(module)]
