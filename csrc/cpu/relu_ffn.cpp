@@ -8,7 +8,7 @@
 //   2. for the active neurons only, the up GEMV and h = gate_act · up_act (kept in fp32);
 //   3. y = Σ_k h[k] · w_down_t[idx[k], :] with cpu::sparse_rows (the sparse_linear machinery).
 // A neuron is active if it is active in any row (the union); h is 0 in the rows where it is not.
-// Past the crossover (more rows, or a dense union in fp32) ATen's fp32 GEMMs take over.
+// More rows are compute bound with a union that is rarely sparse: ATen's fp32 GEMMs take over.
 #include <ATen/Parallel.h>
 
 #include <cstring>
@@ -24,35 +24,48 @@ namespace {
 
 using cpu::load;
 
+// Rows past which ATen's dense fp32 GEMMs take over. Up to 8 rows no union density makes the dense
+// FFN faster (measured, Llama-2-7B shapes d 4096, ffn 11008, fp32, noisy shared 2-core machine:
+// rows 1 at union density 1.0: 98.8 ms vs 105.6 ms dense; rows 4 at 1.0: 227 vs 490 ms; rows 8 at
+// 1.0: 346-417 vs 440-477 ms), so there is no density fallback.
 constexpr int64_t kMaxRows = 8;
-// fp32 union density past which ATen's dense GEMVs beat steps 2-3.
-constexpr double kDenseDensityF32 = 1.0;
 // Neurons per chunk of step 1 (the unit of work and of compaction).
 constexpr int64_t kChunk = 64;
 // fp32 lanes of a dot product: two AVX2 registers, two independent add chains.
 constexpr int kLanes = 16;
 
-// out[r] = w · xf[r, :] for R rows of xf [R, d] (fp32). Fixed summation order: kLanes partial
-// sums over the d/kLanes full blocks, added lane 0 first, then the tail.
-template <typename T, int R>
-__attribute__((always_inline)) inline void dots(const T* w, const float* xf, int64_t d,
+// out[b·R + r] = w[b] · xf[r, :] for B weight rows and R rows of xf [R, d] (fp32). Fixed
+// summation order per dot product: kLanes partial sums over the d/kLanes full blocks, added lane 0
+// first, then the tail; so a neuron's result does not depend on B (the blocking only gives the
+// memory system B streams at once and reuses each x load B times).
+template <typename T, int R, int B>
+__attribute__((always_inline)) inline void dots(const T* const* w, const float* xf, int64_t d,
                                                 float* out) {
-  float acc[R][kLanes] = {};
+  float acc[B][R][kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= d; j += kLanes) {
-    float wf[kLanes];
-    for (int l = 0; l < kLanes; ++l) wf[l] = load(w, j + l);
-    for (int r = 0; r < R; ++r) {
-      for (int l = 0; l < kLanes; ++l) acc[r][l] += wf[l] * xf[r * d + j + l];
+    for (int b = 0; b < B; ++b) {
+      float wf[kLanes];
+      for (int l = 0; l < kLanes; ++l) wf[l] = load(w[b], j + l);
+      for (int r = 0; r < R; ++r) {
+        for (int l = 0; l < kLanes; ++l) acc[b][r][l] += wf[l] * xf[r * d + j + l];
+      }
     }
   }
-  for (int r = 0; r < R; ++r) {
-    float s = 0.0f;
-    for (int l = 0; l < kLanes; ++l) s += acc[r][l];
-    for (int64_t jj = j; jj < d; ++jj) s += load(w, jj) * xf[r * d + jj];
-    out[r] = s;
+  for (int b = 0; b < B; ++b) {
+    for (int r = 0; r < R; ++r) {
+      float s = 0.0f;
+      for (int l = 0; l < kLanes; ++l) s += acc[b][r][l];
+      for (int64_t jj = j; jj < d; ++jj) s += load(w[b], jj) * xf[r * d + jj];
+      out[b * R + r] = s;
+    }
   }
 }
+
+// Weight rows per dots() call: enough streams at one row of x, fewer where the R·B accumulators
+// would not fit in the 16 vector registers.
+template <int R>
+constexpr int kBlock = R == 1 ? 4 : (R == 2 ? 2 : 1);
 
 struct Args {
   const float* xf;  // [R, d] fp32 copy of x
@@ -67,19 +80,29 @@ template <typename T, int R>
 __attribute__((always_inline)) inline int64_t gate_chunk(const Args& a, const T* w_gate,
                                                          const T* b_gate, int64_t n0, int64_t n1,
                                                          int32_t* idx, float* gact) {
+  constexpr int B = kBlock<R>;
   int64_t cnt = 0;
-  for (int64_t n = n0; n < n1; ++n) {
-    float g[R];
-    dots<T, R>(w_gate + n * a.d, a.xf, a.d, g);
-    const float bias = b_gate != nullptr ? load(b_gate, n) : 0.0f;
-    bool any = false;
-    for (int r = 0; r < R; ++r) {
-      const float v = sparse::gate_act(a.act, g[r] + bias, a.t);
-      gact[(n0 + cnt) * R + r] = v;
-      any |= v != 0.0f;  // NaN is active
+  for (int64_t n = n0; n < n1;) {
+    const int nb = n + B <= n1 ? B : 1;
+    float g[B * R];
+    const T* rows[B];
+    for (int b = 0; b < nb; ++b) rows[b] = w_gate + (n + b) * a.d;
+    if (nb == B) {
+      dots<T, R, B>(rows, a.xf, a.d, g);
+    } else {
+      dots<T, R, 1>(rows, a.xf, a.d, g);
     }
-    idx[n0 + cnt] = static_cast<int32_t>(n);
-    cnt += any;
+    for (int b = 0; b < nb; ++b, ++n) {
+      const float bias = b_gate != nullptr ? load(b_gate, n) : 0.0f;
+      bool any = false;
+      for (int r = 0; r < R; ++r) {
+        const float v = sparse::gate_act(a.act, g[b * R + r] + bias, a.t);
+        gact[(n0 + cnt) * R + r] = v;
+        any |= v != 0.0f;  // NaN is active
+      }
+      idx[n0 + cnt] = static_cast<int32_t>(n);
+      cnt += any;
+    }
   }
   return cnt;
 }
@@ -89,11 +112,21 @@ template <typename T, int R>
 __attribute__((always_inline)) inline void up_range(const Args& a, const T* w_up, const T* b_up,
                                                     const int32_t* idx, int64_t k0, int64_t k1,
                                                     float* h) {
-  for (int64_t k = k0; k < k1; ++k) {
-    float u[R];
-    dots<T, R>(w_up + static_cast<int64_t>(idx[k]) * a.d, a.xf, a.d, u);
-    const float bias = b_up != nullptr ? load(b_up, idx[k]) : 0.0f;
-    for (int r = 0; r < R; ++r) h[k * R + r] *= sparse::up_act(a.act, u[r] + bias);
+  constexpr int B = kBlock<R>;
+  for (int64_t k = k0; k < k1;) {
+    const int nb = k + B <= k1 ? B : 1;
+    float u[B * R];
+    const T* rows[B];
+    for (int b = 0; b < nb; ++b) rows[b] = w_up + static_cast<int64_t>(idx[k + b]) * a.d;
+    if (nb == B) {
+      dots<T, R, B>(rows, a.xf, a.d, u);
+    } else {
+      dots<T, R, 1>(rows, a.xf, a.d, u);
+    }
+    for (int b = 0; b < nb; ++b, ++k) {
+      const float bias = b_up != nullptr ? load(b_up, idx[k]) : 0.0f;
+      for (int r = 0; r < R; ++r) h[k * R + r] *= sparse::up_act(a.act, u[b * R + r] + bias);
+    }
   }
 }
 
@@ -126,9 +159,9 @@ const T* ptr_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;
 }
 
-// Steps 1-3 for R rows; returns false (having written nothing) when the union is too dense.
+// Steps 1-3 for R rows.
 template <typename T, int R>
-bool sparse_path(const at::Tensor& x, const at::Tensor& w_gate,
+void sparse_path(const at::Tensor& x, const at::Tensor& w_gate,
                  const std::optional<at::Tensor>& w_up, const at::Tensor& w_down_t, int act,
                  float t, const std::optional<at::Tensor>& b_gate,
                  const std::optional<at::Tensor>& b_up, const std::optional<at::Tensor>& b_down,
@@ -158,7 +191,6 @@ bool sparse_path(const at::Tensor& x, const at::Tensor& w_gate,
     }
     nnz += counts[c];
   }
-  if (x.scalar_type() == at::kFloat && nnz > kDenseDensityF32 * ffn) return false;
 
   if (w_up.has_value()) {
     const auto up = avx2 ? &up_range_avx2<T, R> : &up_range_baseline<T, R>;
@@ -170,11 +202,10 @@ bool sparse_path(const at::Tensor& x, const at::Tensor& w_gate,
   }
   cpu::sparse_rows(w_down_t.data_ptr<T>(), idx.get(), h.get(), nnz, R, ptr_or_null<T>(b_down),
                    y.data_ptr<T>(), d);
-  return true;
 }
 
 template <typename T>
-bool dispatch_rows(const at::Tensor& x, const at::Tensor& w_gate,
+void dispatch_rows(const at::Tensor& x, const at::Tensor& w_gate,
                    const std::optional<at::Tensor>& w_up, const at::Tensor& w_down_t, int act,
                    float t, const std::optional<at::Tensor>& b_gate,
                    const std::optional<at::Tensor>& b_up, const std::optional<at::Tensor>& b_down,
@@ -190,7 +221,7 @@ bool dispatch_rows(const at::Tensor& x, const at::Tensor& w_gate,
     ACTSHIFT_FFN_ROWS(6)
     ACTSHIFT_FFN_ROWS(7)
     ACTSHIFT_FFN_ROWS(8)
-    default: return false;
+    default: TORCH_CHECK(false, "relu_ffn: the sparse path takes 1 to ", kMaxRows, " rows");
   }
 #undef ACTSHIFT_FFN_ROWS
 }
@@ -233,23 +264,21 @@ at::Tensor relu_ffn_cpu(const at::Tensor& x, const at::Tensor& w_gate,
   const int a = static_cast<int>(act);
   const float t = static_cast<float>(threshold);
   const int64_t rows = x.size(0);
-  at::Tensor y = at::empty({rows, x.size(1)}, x.options());
-  if (rows == 0) return y;
+  if (rows == 0) return at::empty({0, x.size(1)}, x.options());
   if (rows <= kMaxRows) {
-    bool done;
+    at::Tensor y = at::empty({rows, x.size(1)}, x.options());
     switch (x.scalar_type()) {
       case at::kFloat:
-        done = dispatch_rows<float>(x, w_gate, w_up, w_down_t, a, t, b_gate, b_up, b_down, y);
+        dispatch_rows<float>(x, w_gate, w_up, w_down_t, a, t, b_gate, b_up, b_down, y);
         break;
       case at::kHalf:
-        done = dispatch_rows<c10::Half>(x, w_gate, w_up, w_down_t, a, t, b_gate, b_up, b_down, y);
+        dispatch_rows<c10::Half>(x, w_gate, w_up, w_down_t, a, t, b_gate, b_up, b_down, y);
         break;
       default:
-        done = dispatch_rows<c10::BFloat16>(x, w_gate, w_up, w_down_t, a, t, b_gate, b_up, b_down,
-                                            y);
+        dispatch_rows<c10::BFloat16>(x, w_gate, w_up, w_down_t, a, t, b_gate, b_up, b_down, y);
         break;
     }
-    if (done) return y;
+    return y;
   }
   return dense(x, w_gate, w_up, w_down_t, a, t, b_gate, b_up, b_down);
 }

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 
 #include "cpu/convert.h"
 
@@ -25,19 +26,20 @@ constexpr int64_t kMaxSparseRows = 16;
 
 namespace sparse_rows_detail {
 
-// fp32 accumulators of one tile over all rows: 16 KiB, half of a typical L1d, leaving room for
-// the streamed weights.
-constexpr int64_t kAccFloats = 4096;
-constexpr int64_t kMaxTileCols = 2048;
+// fp32 accumulators of one tile over all rows: up to 128 KiB, which stays in L2, so a tile can
+// span a whole thread's share of the columns and each active row is streamed in one long
+// contiguous piece (short pieces restart the hardware prefetcher and cost ~30% of the bandwidth).
+constexpr int64_t kAccFloats = 32768;
 // Below this many multiply-adds the work stays on one thread (waking others costs more).
 constexpr int64_t kMinParallelWork = 1 << 16;
 
+// acc holds rows·n floats, wf n floats (used when rows > 1).
 template <typename T>
 __attribute__((always_inline)) inline void tile(const T* w, int64_t ld, const int32_t* idx,
                                                 const float* coef, int64_t nnz, int64_t rows,
                                                 const T* bias, T* y, int64_t out, int64_t c0,
-                                                int64_t n) {
-  alignas(64) float acc[kAccFloats];
+                                                int64_t n, float* __restrict acc,
+                                                float* __restrict wf) {
   for (int64_t i = 0; i < rows * n; ++i) acc[i] = 0.0f;
   if (rows == 1) {
     // Four active rows per sweep over the tile: four concurrent streams for the memory system and
@@ -66,7 +68,6 @@ __attribute__((always_inline)) inline void tile(const T* w, int64_t ld, const in
     }
   } else {
     // Several rows: convert the piece once, then one multiply-add pass per row that uses it.
-    alignas(64) float wf[kMaxTileCols];
     for (int64_t k = 0; k < nnz; ++k) {
       if (k + 1 < nnz) __builtin_prefetch(w + idx[k + 1] * ld + c0, 0, 0);
       const T* p = w + idx[k] * ld + c0;
@@ -96,14 +97,16 @@ template <typename T>
 __attribute__((target("avx2,fma,f16c"))) void tile_avx2(const T* w, int64_t ld,
                                                         const int32_t* idx, const float* coef,
                                                         int64_t nnz, int64_t rows, const T* bias,
-                                                        T* y, int64_t out, int64_t c0, int64_t n) {
-  tile<T>(w, ld, idx, coef, nnz, rows, bias, y, out, c0, n);
+                                                        T* y, int64_t out, int64_t c0, int64_t n,
+                                                        float* acc, float* wf) {
+  tile<T>(w, ld, idx, coef, nnz, rows, bias, y, out, c0, n, acc, wf);
 }
 
 template <typename T>
 void tile_baseline(const T* w, int64_t ld, const int32_t* idx, const float* coef, int64_t nnz,
-                   int64_t rows, const T* bias, T* y, int64_t out, int64_t c0, int64_t n) {
-  tile<T>(w, ld, idx, coef, nnz, rows, bias, y, out, c0, n);
+                   int64_t rows, const T* bias, T* y, int64_t out, int64_t c0, int64_t n,
+                   float* acc, float* wf) {
+  tile<T>(w, ld, idx, coef, nnz, rows, bias, y, out, c0, n, acc, wf);
 }
 
 }  // namespace sparse_rows_detail
@@ -115,18 +118,21 @@ void sparse_rows(const T* w, const int32_t* idx, const float* coef, int64_t nnz,
                  const T* bias, T* y, int64_t out) {
   namespace D = sparse_rows_detail;
   if (out == 0 || rows == 0) return;
-  // Tile width: as wide as the accumulators allow (long contiguous pieces per active row), but
-  // narrow enough that every thread gets a tile; a multiple of 16 columns (64 B of fp32).
-  int64_t n = std::min(D::kMaxTileCols, D::kAccFloats / rows) / 16 * 16;
+  // Tile width: one tile per thread where the accumulators allow (the longest contiguous pieces
+  // of each active row), else as wide as they allow; a multiple of 16 columns (64 B of fp32).
   const int64_t threads = at::get_num_threads();
-  n = std::min(n, std::max<int64_t>(16, ((out + threads - 1) / threads + 15) / 16 * 16));
+  const int64_t share = ((out + threads - 1) / threads + 15) / 16 * 16;
+  const int64_t n = std::max<int64_t>(16, std::min(share, D::kAccFloats / rows / 16 * 16));
   const int64_t tiles = (out + n - 1) / n;
   const int64_t grain = nnz * out * rows < D::kMinParallelWork ? tiles : 1;
   const auto run = has_avx2_fma_f16c() ? &D::tile_avx2<T> : &D::tile_baseline<T>;
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    std::unique_ptr<float[]> acc(new float[rows * n]);
+    std::unique_ptr<float[]> wf(new float[rows > 1 ? n : 1]);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t c0 = t * n;
-      run(w, out, idx, coef, nnz, rows, bias, y, out, c0, std::min(n, out - c0));
+      run(w, out, idx, coef, nnz, rows, bias, y, out, c0, std::min(n, out - c0), acc.get(),
+          wf.get());
     }
   });
 }
