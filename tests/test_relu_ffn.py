@@ -303,3 +303,14 @@ def test_gpu_opcheck_and_compile(backend):
     if backend == "cuda":
         args = (x, w["w_gate"], w["w_up"], w["w_down_t"], 0, 0.0, w["b_gate"], w["b_up"], w["b_down"])
         torch.library.opcheck(torch.ops.actshift.relu_ffn.default, args)
+
+
+@pytest.mark.slow
+def test_benchmark_providers_compute_the_same():
+    """The benchmark's dense FFN and actshift agree on every quick case (Llama-2-7B shapes)."""
+    require_backend("cpu", "cpu")
+    from actshift.benchmarks import bench_relu_ffn
+    from actshift.benchmarks.harness import EAGER
+
+    for case in bench_relu_ffn.cases("cpu", quick=True):
+        assert_close(case.providers["actshift-cpu"](), case.providers[EAGER](), torch.float32)

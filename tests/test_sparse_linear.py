@@ -198,3 +198,17 @@ def test_gpu_opcheck_and_compile(backend):
     assert_close(f(x), expected(x, w, 1.0, b), torch.float16)
     if backend == "cuda":
         torch.library.opcheck(torch.ops.actshift.sparse_linear.default, (x, w, torch.tensor([1.0], device="cuda"), b))
+
+
+@pytest.mark.slow
+def test_benchmark_providers_compute_the_same():
+    """The benchmark compares like with like: eager (threshold, then F.linear) and actshift agree
+    on every quick case, and the union density in the note matches the inputs."""
+    require_backend("cpu", "cpu")
+    from actshift.benchmarks import bench_sparse_linear
+    from actshift.benchmarks.harness import EAGER
+
+    for case in bench_sparse_linear.cases("cpu", quick=True):
+        want = case.providers[EAGER]()
+        assert_close(case.providers["actshift-cpu"](), want, torch.float32)
+        assert "union density" in case.note

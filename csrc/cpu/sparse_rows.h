@@ -5,10 +5,11 @@
 // coef their per-row coefficients (0 where a row's input is inactive).
 //
 // Memory bound at decode, so the layout serves the weight stream: threads own tiles of output
-// columns, keep the tile's fp32 accumulators of every row in L1, and walk the active-row list,
-// streaming one contiguous piece of each active row, read once for all rows. Each output sums its
-// terms in k order whatever the tiling or thread count, and a row's coefficient 0 adds nothing, so
-// results are deterministic and a row's result does not depend on the other rows of the batch.
+// columns (one tile per thread where the accumulators fit), keep the tile's fp32 accumulators of
+// every row in L1/L2, and walk the active-row list, streaming one contiguous piece of each active
+// row, read once for all rows. Each output sums its terms in k order whatever the tiling or thread
+// count, and a row's coefficient 0 adds nothing, so results are deterministic and a row's result
+// does not depend on the other rows of the batch.
 #pragma once
 
 #include <ATen/Parallel.h>

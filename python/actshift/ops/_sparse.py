@@ -9,6 +9,7 @@ import numbers
 
 import torch
 
+from .. import backends
 from ..backends import BackendUnavailableError
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -83,3 +84,14 @@ def triton_op(name: str):
         raise BackendUnavailableError(f"backend 'triton' is unavailable for {name}: {module} is not built yet") from None
     kernel.register()
     return getattr(torch.ops.actshift, op_name)
+
+
+def register_triton_early(name: str) -> None:
+    """Registers the Triton op at import where Triton can run (as ops/steer.py does), so that
+    torch.compile never traces the registration; a kernel module not built yet is left for the
+    first call to report."""
+    if torch.cuda.is_available() or backends.triton_interpret():
+        try:
+            triton_op(name)
+        except BackendUnavailableError:
+            pass

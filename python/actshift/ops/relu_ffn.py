@@ -10,7 +10,7 @@ import torch
 
 from .. import _ext, backends, reference
 from ..reference import GATED_ONLY_ACTS, SPARSE_ACTS, THRESHOLD_ACTS
-from ._sparse import as_rows, check_like, threshold_value, triton_op
+from ._sparse import as_rows, check_like, register_triton_early, threshold_value, triton_op
 
 ACTS = SPARSE_ACTS
 _CODES = {name: i for i, name in enumerate(SPARSE_ACTS)}
@@ -21,6 +21,9 @@ if _ext.EXT_LOADED:
     def _relu_ffn_fake(x, w_gate, w_up, w_down_t, act, threshold, b_gate, b_up, b_down):
         torch._check(x.dim() == 2, lambda: "relu_ffn: x must be [rows, d]")
         return x.new_empty(x.shape)
+
+
+register_triton_early("relu_ffn")
 
 
 def _check_weights(x2, w_gate, w_up, w_down_t, b_gate, b_up, b_down) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext, backends, reference
-from ._sparse import as_rows, check_like, threshold_tensor, triton_op
+from ._sparse import as_rows, check_like, register_triton_early, threshold_tensor, triton_op
 
 if _ext.EXT_LOADED:
 
@@ -17,6 +17,9 @@ if _ext.EXT_LOADED:
     def _sparse_linear_fake(x, weight_t, threshold, bias):
         torch._check(x.dim() == 2, lambda: "sparse_linear: x must be [rows, in]")
         return x.new_empty((x.shape[0], weight_t.shape[1]))
+
+
+register_triton_early("sparse_linear")
 
 
 def sparse_linear(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext, backends, reference
-from ._sparse import as_rows, threshold_tensor, triton_op
+from ._sparse import as_rows, register_triton_early, threshold_tensor, triton_op
 
 if _ext.EXT_LOADED:
 
@@ -17,6 +17,9 @@ if _ext.EXT_LOADED:
     def _sparse_threshold_fake(x, threshold):
         torch._check(x.dim() == 2, lambda: "sparse_threshold: x must be [rows, n]")
         return x.new_empty(x.shape)
+
+
+register_triton_early("sparse_threshold")
 
 
 def sparse_threshold(x: torch.Tensor, threshold, *, backend: str = "auto") -> torch.Tensor:
