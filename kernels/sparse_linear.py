@@ -68,6 +68,8 @@ def _tiles(rows: int) -> tuple:
     if rows <= MAX_SPARSE_ROWS:
         return 16, 256, True
     return 64, 128, True
+
+
 # Aim for about this many programs: a few per SM on an H100 (132 SMs), so the memory system stays
 # busy, while each program covers several K blocks and issues fewer atomics.
 _TARGET_PROGRAMS = 1024
@@ -170,9 +172,9 @@ def splitk_accumulate(x: torch.Tensor, weight_t: torch.Tensor, threshold: Option
     per_program = triton.cdiv(k_blocks, splits)
     splits = triton.cdiv(k_blocks, per_program)
     if threshold is None:
-        mode = 0
+        mode = _NONZERO.value
     else:
-        mode = 1 if threshold.numel() == 1 else 2
+        mode = _SCALAR.value if threshold.numel() == 1 else _PER_CHANNEL.value
     wrap_triton(_splitk_kernel)[(n_blocks, splits, r_blocks)](
         x,
         weight_t,
