@@ -39,10 +39,7 @@ inline void store(c10::BFloat16* p, int64_t i, float v) {
   reinterpret_cast<uint16_t*>(p)[i] = static_cast<uint16_t>(v != v ? 0x7FC0u : rounded);
 }
 
-// One tile: columns [c0, c1) of one row. `coef` holds m coefficients; m == 0 means "copy".
-// Specialized on small m so the j-loop unrolls and the i-loop vectorizes without a reduction.
-
-// Whether the CPU runs the AVX2+FMA+F16C builds of the sparse kernels' inner loops (the kernels
+// Whether the CPU runs the AVX2+FMA+F16C builds of the kernels' inner loops (the kernels
 // compile each loop for the baseline ISA and with __attribute__((target("avx2,fma,f16c")))).
 inline bool has_avx2_fma_f16c() {
 #if defined(__x86_64__)

@@ -37,6 +37,8 @@ __attribute__((always_inline)) inline void tile_fixed(const T* x, T* y, const fl
   }
 }
 
+// One tile: columns [c0, c1) of one row. `coef` holds m coefficients; m == 0 means "copy".
+// Specialized on small m so the j-loop unrolls and the i-loop vectorizes without a reduction.
 template <typename T>
 __attribute__((always_inline)) inline void tile(const T* x, T* y, const float* v, int64_t d,
                                                 const float* coef, int m, int64_t c0, int64_t c1) {
@@ -65,16 +67,6 @@ void tile_baseline(const T* x, T* y, const float* v, int64_t d, const float* coe
   tile<T>(x, y, v, d, coef, m, c0, c1);
 }
 
-bool cpu_has_avx2() {
-#if defined(__x86_64__)
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
-  return has;
-#else
-  return false;
-#endif
-}
-
 // Columns per tile: 16 KiB of fp32 per stream keeps a tile's slice of the vectors in L1/L2, and
 // bounds the unit of work so rows longer than a tile can be split between threads.
 constexpr int64_t kTileCols = 4096;
@@ -94,7 +86,7 @@ void steer_kernel(const at::Tensor& x, at::Tensor& y, const at::Tensor& vectors,
   const float* vp = vectors.data_ptr<float>();
   const float* wp = weights.data_ptr<float>();
   const float* sp = strength.data_ptr<float>();
-  const auto run_tile = cpu_has_avx2() ? &tile_avx2<T> : &tile_baseline<T>;
+  const auto run_tile = cpu::has_avx2_fma_f16c() ? &tile_avx2<T> : &tile_baseline<T>;
   const bool in_place = static_cast<const void*>(xp) == static_cast<const void*>(yp) &&
                         x_stride == y_stride;
 
@@ -371,7 +363,7 @@ void program_kernel(const at::Tensor& x, at::Tensor& y, const ProgramView& v, co
   const int64_t x_stride = x.stride(0), y_stride = y.stride(0);
   const bool in_place = static_cast<const void*>(xp) == static_cast<const void*>(yp) &&
                         x_stride == y_stride;
-  const auto run_rows = cpu_has_avx2() ? &program_rows_avx2<T, IndexT>
+  const auto run_rows = cpu::has_avx2_fma_f16c() ? &program_rows_avx2<T, IndexT>
                                        : &program_rows_baseline<T, IndexT>;
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(d, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
