@@ -19,9 +19,7 @@ else
 PY := $(VENV)/bin/python
 endif
 # Packages the tests and benchmarks import, installed only where missing.
-DEPS := numpy pytest hypothesis transformers matplotlib scikit-learn setuptools wheel ninja
-# steering recipes and files (safetensors, llama.cpp GGUF control vectors)
-DEPS += safetensors gguf
+DEPS := numpy pytest hypothesis transformers safetensors gguf matplotlib scikit-learn setuptools wheel ninja
 PINNED := torch==2.13.0 triton==3.9.0
 STAMP := build/.stamp-$(shell echo $(PY) | tr '/' '_')
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml

@@ -271,8 +271,8 @@ class PatchHandle:
         return self._collect(layer, site, result)
 
     def _collect(self, layer: int, site: SteeringSite, result):
-        # MONITOR HOOK (to be wired by the lead when SteeringPlan grows monitors): steer returns
-        # (y, monitors) for plans with monitors; they are kept per (layer, site) for the user.
+        # steer returns (y, monitors) for plans with monitors; the latest forward's read-outs are
+        # kept per (layer, site) for the user.
         if isinstance(result, tuple):
             result, monitors = result
             self.monitors[(layer, site.site)] = monitors

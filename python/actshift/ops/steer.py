@@ -3,8 +3,8 @@
 Backends: "cpu" and "cuda" call torch.ops.actshift.steer (C++); "triton" calls
 torch.ops.actshift.steer_triton (kernels/steer.py); "reference" is reference.steer.
 Plans with more than add vectors (or calls asking for monitors or per-row weights) run the full
-program: torch.ops.actshift.steer_program on "cpu" (and on "cuda"/"triton" once their kernels are
-registered), reference.steer_program on "reference".
+program: torch.ops.actshift.steer_program on "cpu" and "cuda", steer_program_triton on "triton",
+reference.steer_program on "reference".
 """
 from __future__ import annotations
 
@@ -206,7 +206,8 @@ def _fold_mask(gate, mask, x: torch.Tensor):
 
 
 def _program_backend(name: str, device: torch.device, requested: str) -> str:
-    """The backend that runs the full program: GPU kernels join as they are registered."""
+    """The backend that runs the full program (a build without the CUDA kernels, or a Triton that
+    cannot register, leaves "auto" with the reference and an explicit request with an error)."""
     if name == "cpu" or name == "reference":
         return name
     if name == "triton" and hasattr(torch.ops.actshift, "steer_program_triton"):
@@ -214,9 +215,9 @@ def _program_backend(name: str, device: torch.device, requested: str) -> str:
     if name == "cuda" and torch._C._dispatch_has_kernel_for_dispatch_key("actshift::steer_program", "CUDA"):
         return name
     if requested == "auto" and backends.get_backend() == "auto":
-        return "reference"  # "auto" takes the best available; only the reference runs it here yet
+        return "reference"  # "auto" takes the best available
     raise BackendUnavailableError(
-        f"backend {name!r} does not implement the full steering program yet (additive plans only)"
+        f"backend {name!r} cannot run the full steering program here (its kernel is not registered)"
     )
 
 
