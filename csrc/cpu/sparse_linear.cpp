@@ -4,7 +4,7 @@
 // Rows <= 16: one serial pass over x compacts the union of active inputs into an ascending index
 // list with per-row coefficients (the thresholded x, 0 where a row's input is inactive); then
 // cpu::sparse_rows streams each listed weight row once for all rows (see cpu/sparse_rows.h).
-// Past the crossover (more than 16 rows, or 9..16 fp32 rows with a dense union) ATen's fp32 GEMM
+// Past the crossover (more than 16 rows, or 8..16 fp32 rows with a dense union) ATen's fp32 GEMM
 // on the thresholded x is faster; fp16/bf16 stay on the sparse path up to 16 rows, since the
 // fallback would first widen the weights to fp32.
 #include <memory>
@@ -19,13 +19,13 @@ namespace {
 
 using cpu::load;
 
-// fp32, 9..16 rows: union density above which at::addmm on the thresholded x beats the sparse
+// fp32, 8..16 rows: union density above which at::addmm on the thresholded x beats the sparse
 // path. Measured 4096->11008 (2-core shared machine, noisy), sparse vs at::mm: rows 16 at union
-// density 0.7: 254 vs 328 ms, 0.85: 324 vs 410 ms, 1.0: 390 vs 334 ms; rows 8 at 1.0: 222 vs
-// 284 ms, and rows 1 at 1.0 (one thread): 27.5-31.3 vs 31.4-36.0 ms, so up to 8 rows the sparse
-// path is never slower and keeps no fallback.
+// density 0.7: 254 vs 328 ms, 0.85: 324 vs 410 ms, 1.0: 390 vs 334 ms. On the quiet machine
+// (benchmarks/results/cpu.csv, 2 threads) rows 8 at union density 0.996 ran 28.3 ms sparse vs
+// 26.4 ms dense, while rows 4 at 0.94 ran 1.69x faster than dense: below 8 rows no fallback.
 constexpr double kDenseDensityF32 = 0.9;
-constexpr int64_t kDenseDensityMinRows = 9;
+constexpr int64_t kDenseDensityMinRows = 8;
 
 // Writes the union of active inputs to idx and their coefficients to coef[k·rows + r]; returns the
 // count. Branch-free: each input's entries are written at slot nnz, which advances only if active.
