@@ -125,14 +125,14 @@ def _check_out(x: torch.Tensor, out) -> torch.Tensor:
         raise ValueError("out must be viewable as [rows, d] (contiguous leading dims)") from None
 
 
-def _run(x, vectors, weights, strength, gate, slot, out, backend: str, check_slots: bool) -> torch.Tensor:
-    """Checks the per-row arguments, picks the backend and runs it on x [..., d]."""
+def _as_rows(x, gate, slot, out):
+    """x as [rows, d] (a view whenever the leading dims allow it), with gate/slot flattened to one
+    value per row, all checked; returns (x2, gate as fp32 or None, slot, out as [rows, d] or None)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() == 0:
         raise ValueError("x must have at least one dim (the hidden size)")
-    shape = x.shape
-    x2 = x if x.dim() == 2 else x.reshape(-1, shape[-1])  # a view whenever the leading dims allow it
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if isinstance(gate, torch.Tensor) and gate.dim() != 1:
         gate = gate.reshape(-1)
     if isinstance(slot, torch.Tensor) and slot.dim() != 1:
@@ -141,6 +141,13 @@ def _run(x, vectors, weights, strength, gate, slot, out, backend: str, check_slo
     out2 = None if out is None else _check_out(x, out)
     if gate is not None and gate.dtype != torch.float32:
         gate = gate.float()
+    return x2, gate, slot, out2
+
+
+def _run(x, vectors, weights, strength, gate, slot, out, backend: str, check_slots: bool) -> torch.Tensor:
+    """Checks the per-row arguments, picks the backend and runs it on x [..., d]."""
+    x2, gate, slot, out2 = _as_rows(x, gate, slot, out)
+    shape = x.shape
     name = backends.resolve(backend, x2.device)
     if slot is not None and check_slots and name != "cpu":  # the C++ CPU kernel checks while it runs
         _check_slot_values(slot, vectors.shape[0])
@@ -242,18 +249,8 @@ def _check_row_weights(weights, x2: torch.Tensor, M: int) -> torch.Tensor:
 
 def _run_program(x, bank: SteeringBank, gate, slot, weights, out, backend: str):
     """The full program on x [..., d]; returns (y or out, monitors [..., P])."""
-    if x.dim() == 0:
-        raise ValueError("x must have at least one dim (the hidden size)")
+    x2, gate, slot, out2 = _as_rows(x, gate, slot, out)
     shape = x.shape
-    x2 = x if x.dim() == 2 else x.reshape(-1, shape[-1])
-    if isinstance(gate, torch.Tensor) and gate.dim() != 1:
-        gate = gate.reshape(-1)
-    if isinstance(slot, torch.Tensor) and slot.dim() != 1:
-        slot = slot.reshape(-1)
-    _check_rows(x2, gate, slot)
-    out2 = None if out is None else _check_out(x, out)
-    if gate is not None and gate.dtype != torch.float32:
-        gate = gate.float()
     row_weights = None if weights is None else _check_row_weights(weights, x2, bank.max_vectors)
     name = backends.resolve(backend, x2.device)
     name = _program_backend(name, x2.device, backend)
