@@ -40,16 +40,11 @@ void launch(const at::Tensor& x, const at::Tensor& vectors, const at::Tensor& we
   TORCH_CHECK(err == cudaSuccess, "steer: CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
-void check_cuda(const at::Tensor& x) {
-  // check_steer_args puts every tensor on x's device, so checking x covers them all.
-  TORCH_CHECK_VALUE(x.is_cuda(), "steer: x must be a CUDA tensor for the cuda backend, got ",
-                    x.device());
-}
-
-// The percentile checks put k / z_perturbed on z's device, so checking z covers them all.
-void check_cuda_z(const at::Tensor& z, const char* op) {
-  TORCH_CHECK_VALUE(z.is_cuda(), op, ": z must be a CUDA tensor for the cuda backend, got ",
-                    z.device());
+// Every op's shared checks put all its tensors on the device of its first input (`arg`), so
+// checking that one covers them all.
+void check_cuda(const at::Tensor& t, const char* op, const char* arg = "x") {
+  TORCH_CHECK_VALUE(t.is_cuda(), op, ": ", arg, " must be a CUDA tensor for the cuda backend, got ",
+                    t.device());
 }
 
 // --- steer_program
@@ -89,7 +84,7 @@ at::Tensor steer_cuda(const at::Tensor& x, const at::Tensor& vectors, const at::
                       const at::Tensor& strength, const std::optional<at::Tensor>& gate,
                       const std::optional<at::Tensor>& slot) {
   check_steer_args(x, vectors, weights, strength, gate, slot);
-  check_cuda(x);
+  check_cuda(x, "steer");
   // The launch targets the current device; make that x's device for the rest of this call.
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor y = at::empty({x.size(0), x.size(1)}, x.options());
@@ -101,7 +96,7 @@ void steer_out_cuda(const at::Tensor& x, const at::Tensor& vectors, const at::Te
                     const at::Tensor& strength, const std::optional<at::Tensor>& gate,
                     const std::optional<at::Tensor>& slot, at::Tensor& out) {
   check_steer_args(x, vectors, weights, strength, gate, slot);
-  check_cuda(x);
+  check_cuda(x, "steer");
   check_steer_out(x, out);
   const c10::cuda::CUDAGuard device_guard(x.device());
   launch(x, vectors, weights, strength, gate, slot, out);
@@ -111,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor> percentile_scale_cuda(const at::Tensor& z, co
                                                          int64_t method,
                                                          std::optional<double> clip) {
   check_percentile_args(z, k, method, clip);
-  check_cuda_z(z, "percentile_scale");
+  check_cuda(z, "percentile_scale", "z");
   const c10::cuda::CUDAGuard device_guard(z.device());
   auto [y, r] = percentile_outputs(z, method);
   // The kernel reads k only for methods that select; a k outside [1, D] (not checked for CUDA
@@ -130,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor> adascale_stats_cuda(const at::Tensor& z,
                                                        const at::Tensor& z_perturbed, int64_t k1,
                                                        int64_t k2) {
   check_adascale_args(z, z_perturbed, k1, k2);
-  check_cuda_z(z, "adascale_stats");
+  check_cuda(z, "adascale_stats", "z");
   const c10::cuda::CUDAGuard device_guard(z.device());
   const at::TensorOptions fp32 = z.options().dtype(at::kFloat);
   at::Tensor q = at::empty({z.size(0)}, fp32);
@@ -148,12 +143,6 @@ std::tuple<at::Tensor, at::Tensor> adascale_stats_cuda(const at::Tensor& z,
 
 namespace {
 
-// The sparse checks put every argument on x's device, so checking x covers them all.
-void check_cuda_x(const at::Tensor& x, const char* op) {
-  TORCH_CHECK_VALUE(x.is_cuda(), op, ": x must be a CUDA tensor for the cuda backend, got ",
-                    x.device());
-}
-
 const void* data_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr() : nullptr;
 }
@@ -162,7 +151,7 @@ const void* data_or_null(const std::optional<at::Tensor>& t) {
 
 at::Tensor sparse_threshold_cuda(const at::Tensor& x, const at::Tensor& threshold) {
   check_sparse_threshold_args(x, threshold);
-  check_cuda_x(x, "sparse_threshold");
+  check_cuda(x, "sparse_threshold");
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor y = at::empty({x.size(0), x.size(1)}, x.options());
   // Threshold values are not checked on the GPU (a device sync); the wrapper checks them eagerly.
@@ -177,7 +166,7 @@ at::Tensor sparse_threshold_cuda(const at::Tensor& x, const at::Tensor& threshol
 at::Tensor sparse_linear_cuda(const at::Tensor& x, const at::Tensor& weight_t,
                               const at::Tensor& threshold, const std::optional<at::Tensor>& bias) {
   check_sparse_linear_args(x, weight_t, threshold, bias);
-  check_cuda_x(x, "sparse_linear");
+  check_cuda(x, "sparse_linear");
   const c10::cuda::CUDAGuard device_guard(x.device());
   const int64_t rows = x.size(0), out = weight_t.size(1);
   at::Tensor y = at::empty({rows, out}, x.options());
@@ -199,7 +188,7 @@ at::Tensor relu_ffn_cuda(const at::Tensor& x, const at::Tensor& w_gate,
                          const std::optional<at::Tensor>& b_up,
                          const std::optional<at::Tensor>& b_down) {
   check_relu_ffn_args(x, w_gate, w_up, w_down_t, act, threshold, b_gate, b_up, b_down);
-  check_cuda_x(x, "relu_ffn");
+  check_cuda(x, "relu_ffn");
   const c10::cuda::CUDAGuard device_guard(x.device());
   const int64_t rows = x.size(0), d = x.size(1), ffn = w_gate.size(0);
   at::Tensor y = at::empty({rows, d}, x.options());
@@ -227,7 +216,7 @@ std::tuple<at::Tensor, at::Tensor> steer_program_cuda(
   const SteerProgram p{meta,    scalars,    ablate,     targets,   affine, vectors,
                        weights, neuron_idx, neuron_val, condition, monitor};
   check_steer_program_args(x, p, gate, slot, row_weights);
-  check_cuda(x);
+  check_cuda(x, "steer_program");
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor y = at::empty({x.size(0), x.size(1)}, x.options());
   at::Tensor monitors = steer_program_monitors(x, p);
@@ -245,7 +234,7 @@ at::Tensor steer_program_out_cuda(
   const SteerProgram p{meta,    scalars,    ablate,     targets,   affine, vectors,
                        weights, neuron_idx, neuron_val, condition, monitor};
   check_steer_program_args(x, p, gate, slot, row_weights);
-  check_cuda(x);
+  check_cuda(x, "steer_program");
   check_steer_out(x, out);
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor monitors = steer_program_monitors(x, p);
