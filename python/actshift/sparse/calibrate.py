@@ -116,6 +116,17 @@ def _hooks(handles: list):
             h.remove()
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """The model in eval mode (no dropout) for an observation pass; its training flag is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def _threshold(x: torch.Tensor, t: float) -> torch.Tensor:
     return x * (x.abs() > t)
 
@@ -197,16 +208,12 @@ def calibrate(model: nn.Module, batches: Iterable, target_sparsity: float, sites
         if isinstance(greedy_step, bool) or not isinstance(greedy_step, numbers.Real) or not 0 < greedy_step <= 0.5:
             raise ValueError(f"greedy_step must be in (0, 0.5], got {greedy_step!r}")
     lays = _sites.layers(model)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         hists, captured = _collect(model, lays, names, batches, progress, capture_layers=greedy)
         if greedy:
             sparsity = _greedy(lays, names, hists, captured, target, float(greedy_step), progress)
         else:
             sparsity = {k: target for k in hists}
-    finally:
-        model.train(was_training)
     values = {k: hists[k].quantile(s) for k, s in sparsity.items()}
     meta = {"model_type": model.config.model_type, "method": "greedy" if greedy else "uniform",
             "histogram": f"log2 bins {NBINS} over [2^{LOG2_LO:g}, 2^{LOG2_HI:g}]"}
@@ -306,13 +313,8 @@ def realized_sparsity(model: nn.Module, thresholds: Thresholds, batches: Iterabl
             c[1] += x.numel()
             return x
         handles += _install(lays[i], site, count, observe_only=True)
-    was_training = model.training
-    model.eval()
-    try:
-        with simulate(model, thresholds), _hooks(handles):
-            run_batches(model, batches, progress=progress, desc="actshift realized_sparsity")
-    finally:
-        model.train(was_training)
+    with eval_mode(model), simulate(model, thresholds), _hooks(handles):
+        run_batches(model, batches, progress=progress, desc="actshift realized_sparsity")
     frac = {k: c[0] / max(c[1], 1) for k, c in counts.items()}
     if thresholds.mode == "cats":
         w = {k: 1 for k in frac}

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import sites as _sites
-from .calibrate import Histogram, SparsityTable, _check_fraction, _hooks, run_batches
+from .calibrate import Histogram, SparsityTable, _check_fraction, _hooks, eval_mode, run_batches
 from .thresholds import check_threshold
 
 # Where each family's FFN activation module lives inside a layer.
@@ -89,13 +89,8 @@ def calibrate_fatrelu(model: nn.Module, batches: Iterable, target_sparsity: floa
     # Non-positive values all land in the zero bin, so quantiles count them as "below any t >= 0".
     handles = [m.register_forward_pre_hook(lambda mod, args, h=h: h.add(args[0].clamp(min=0)))
                for (_, _, m), h in zip(mods, hists)]
-    was_training = model.training
-    model.eval()
-    try:
-        with _hooks(handles):
-            run_batches(model, batches, progress=progress, desc="actshift calibrate_fatrelu")
-    finally:
-        model.train(was_training)
+    with eval_mode(model), _hooks(handles):
+        run_batches(model, batches, progress=progress, desc="actshift calibrate_fatrelu")
     ts = [h.quantile(target) for h in hists]
     for (_, _, m), t in zip(mods, ts):
         m.threshold = t
@@ -118,12 +113,7 @@ def sparsity_report(model: nn.Module, batches: Iterable, *, progress: bool = Fal
         c[1] += out.numel()
 
     handles = [m.register_forward_hook(lambda mod, a, o, c=c: count(mod, a, o, c)) for (_, _, m), c in zip(mods, counts)]
-    was_training = model.training
-    model.eval()
-    try:
-        with _hooks(handles):
-            run_batches(model, batches, progress=progress, desc="actshift sparsity_report")
-    finally:
-        model.train(was_training)
+    with eval_mode(model), _hooks(handles):
+        run_batches(model, batches, progress=progress, desc="actshift sparsity_report")
     frac = {(i, "ffn"): c[0] / max(c[1], 1) for i, c in enumerate(counts)}
     return SparsityTable(frac, sum(frac.values()) / len(frac), "FFN activation sparsity, % exactly zero")
