@@ -38,6 +38,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from ._library import define_op
+
 # Largest supported row: at 16 warps, 16384 values and their keys are 32 + 32 registers per thread,
 # and the whole row must stay in registers.
 _MAX_D = 16384
@@ -257,37 +259,26 @@ _ops = None
 
 def register() -> None:
     """Defines the custom ops `actshift::percentile_scale_triton` and
-    `actshift::adascale_stats_triton` (idempotent).
-
-    triton_ops rather than opaque custom_ops, so that torch.compile sees the kernel launches.
-    Under TRITON_INTERPRET=1, @triton.jit yields an interpreted function that wrap_triton passes
-    through untraced, so tracing would run the kernels on data-less FakeTensors; there the ops are
-    opaque custom_ops with shape-only fakes, which keeps opcheck and torch.compile usable on CPU.
-    """
+    `actshift::adascale_stats_triton` (idempotent; see kernels/_library.py for triton_op vs
+    custom_op)."""
     global _ops
     if _ops is not None:
         return
-    define = (
-        torch.library.triton_op
-        if isinstance(_percentile_kernel, triton.runtime.JITFunction)
-        else torch.library.custom_op
-    )
     # Explicit schemas: inference would type method, k1 and k2 as SymInt, and method picks the
     # kernel variant, so it must stay a plain int under torch.compile.
     _ops = (
-        define(
+        define_op(
             "actshift::percentile_scale_triton",
             _percentile_op,
-            mutates_args=(),
+            _percentile_fake,
+            kernel=_percentile_kernel,
             schema="(Tensor z, Tensor k, int method, float? clip) -> (Tensor, Tensor)",
         ),
-        define(
+        define_op(
             "actshift::adascale_stats_triton",
             _adascale_stats_op,
-            mutates_args=(),
+            _adascale_stats_fake,
+            kernel=_percentile_kernel,
             schema="(Tensor z, Tensor z_perturbed, int k1, int k2) -> (Tensor, Tensor)",
         ),
     )
-    if define is torch.library.custom_op:
-        _ops[0].register_fake(_percentile_fake)
-        _ops[1].register_fake(_adascale_stats_fake)

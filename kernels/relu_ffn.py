@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from ._library import define_op
 from .sparse_linear import finalize, splitk_accumulate
 
 # Activation codes of the schema's `act` (constexpr, so the branches compile away).
@@ -246,26 +247,18 @@ _op = None
 
 
 def register() -> None:
-    """Defines the custom op `actshift::relu_ffn_triton` (idempotent).
-
-    A triton_op on GPU so that torch.compile sees the kernel launches; under TRITON_INTERPRET=1 an
-    opaque custom_op with a shape-only fake (see kernels/steer.py's register for why). The explicit
-    schema keeps act a plain int (it selects the kernel variant) under torch.compile.
-    """
+    """Defines the custom op `actshift::relu_ffn_triton` (idempotent; see kernels/_library.py for
+    triton_op vs custom_op). The explicit schema keeps act a plain int (it selects the kernel
+    variant) under torch.compile."""
     global _op
-    if _op is not None:
-        return
-    define = (
-        torch.library.triton_op if isinstance(_gate_up_kernel, triton.runtime.JITFunction) else torch.library.custom_op
-    )
-    _op = define(
-        "actshift::relu_ffn_triton",
-        _relu_ffn_op,
-        mutates_args=(),
-        schema=(
-            "(Tensor x, Tensor w_gate, Tensor? w_up, Tensor w_down_t, int act, float threshold, "
-            "Tensor? b_gate, Tensor? b_up, Tensor? b_down) -> Tensor"
-        ),
-    )
-    if define is torch.library.custom_op:
-        _op.register_fake(_relu_ffn_fake)
+    if _op is None:
+        _op = define_op(
+            "actshift::relu_ffn_triton",
+            _relu_ffn_op,
+            _relu_ffn_fake,
+            kernel=_gate_up_kernel,
+            schema=(
+                "(Tensor x, Tensor w_gate, Tensor? w_up, Tensor w_down_t, int act, float threshold, "
+                "Tensor? b_gate, Tensor? b_up, Tensor? b_down) -> Tensor"
+            ),
+        )

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from ._library import define_op
 from .sparse_threshold import sparse_threshold
 
 # Rows handled by the sparse kernel in one launch; more rows take the dense product. The
@@ -246,22 +247,14 @@ _op = None
 
 
 def register() -> None:
-    """Defines the custom op `actshift::sparse_linear_triton` (idempotent).
-
-    A triton_op on GPU so that torch.compile sees the kernel launches; under TRITON_INTERPRET=1 an
-    opaque custom_op with a shape-only fake (see kernels/steer.py's register for why).
-    """
+    """Defines the custom op `actshift::sparse_linear_triton` (idempotent; see kernels/_library.py
+    for triton_op vs custom_op)."""
     global _op
-    if _op is not None:
-        return
-    define = (
-        torch.library.triton_op if isinstance(_splitk_kernel, triton.runtime.JITFunction) else torch.library.custom_op
-    )
-    _op = define(
-        "actshift::sparse_linear_triton",
-        _sparse_linear_op,
-        mutates_args=(),
-        schema="(Tensor x, Tensor weight_t, Tensor threshold, Tensor? bias) -> Tensor",
-    )
-    if define is torch.library.custom_op:
-        _op.register_fake(_sparse_linear_fake)
+    if _op is None:
+        _op = define_op(
+            "actshift::sparse_linear_triton",
+            _sparse_linear_op,
+            _sparse_linear_fake,
+            kernel=_splitk_kernel,
+            schema="(Tensor x, Tensor weight_t, Tensor threshold, Tensor? bias) -> Tensor",
+        )

@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from ._library import define_op
+
 # 1024 columns with 4 warps: 8 elements (16-32 bytes) per thread per program.
 _MAX_BLOCK_N = 1024
 
@@ -83,24 +85,14 @@ _op = None
 
 
 def register() -> None:
-    """Defines the custom op `actshift::sparse_threshold_triton` (idempotent).
-
-    A triton_op on GPU so that torch.compile sees the kernel launch; under TRITON_INTERPRET=1 an
-    opaque custom_op with a shape-only fake (see kernels/steer.py's register for why).
-    """
+    """Defines the custom op `actshift::sparse_threshold_triton` (idempotent; see
+    kernels/_library.py for triton_op vs custom_op)."""
     global _op
-    if _op is not None:
-        return
-    define = (
-        torch.library.triton_op
-        if isinstance(_sparse_threshold_kernel, triton.runtime.JITFunction)
-        else torch.library.custom_op
-    )
-    _op = define(
-        "actshift::sparse_threshold_triton",
-        _sparse_threshold_op,
-        mutates_args=(),
-        schema="(Tensor x, Tensor threshold) -> Tensor",
-    )
-    if define is torch.library.custom_op:
-        _op.register_fake(_sparse_threshold_fake)
+    if _op is None:
+        _op = define_op(
+            "actshift::sparse_threshold_triton",
+            _sparse_threshold_op,
+            _sparse_threshold_fake,
+            kernel=_sparse_threshold_kernel,
+            schema="(Tensor x, Tensor threshold) -> Tensor",
+        )

@@ -24,6 +24,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from ._library import define_op
+
 # Largest column block. 512 columns with 4 warps is 4 elements per thread (one 16-byte fp32 load
 # per vector), and a hidden size of 4096..8192 splits into 8..16 programs per row, so a decode
 # batch of 1..8 rows launches 8..128 programs instead of 1..8. Larger prefill batches have rows
@@ -401,27 +403,16 @@ _ops = None
 
 def register() -> None:
     """Defines the custom ops `actshift::steer_triton`, `actshift::steer_triton_out`,
-    `actshift::steer_program_triton` and `actshift::steer_program_triton_out` (idempotent).
-
-    A triton_op rather than an opaque custom_op, so that torch.compile sees the kernel launch.
-    Under TRITON_INTERPRET=1, @triton.jit yields an interpreted function that wrap_triton passes
-    through untraced, so tracing would run the kernel on data-less FakeTensors; there the op is an
-    opaque custom_op with a shape-only fake, which keeps opcheck and torch.compile usable on CPU.
-    """
+    `actshift::steer_program_triton` and `actshift::steer_program_triton_out` (idempotent;
+    see kernels/_library.py for triton_op vs custom_op)."""
     global _ops
     if _ops is not None:
         return
-    define = (
-        torch.library.triton_op
-        if isinstance(_steer_kernel, triton.runtime.JITFunction)
-        else torch.library.custom_op
-    )
     _ops = (
-        define("actshift::steer_triton", _steer_op, mutates_args=()),
-        define("actshift::steer_triton_out", _steer_out_op, mutates_args={"out"}),
-        define("actshift::steer_program_triton", _program_op, mutates_args=()),
-        define("actshift::steer_program_triton_out", _program_out_op, mutates_args={"out"}),
+        define_op("actshift::steer_triton", _steer_op, _steer_fake, kernel=_steer_kernel),
+        define_op("actshift::steer_triton_out", _steer_out_op, _steer_out_fake, kernel=_steer_kernel,
+                  mutates_args={"out"}),
+        define_op("actshift::steer_program_triton", _program_op, _program_fake, kernel=_steer_kernel),
+        define_op("actshift::steer_program_triton_out", _program_out_op, _program_out_fake,
+                  kernel=_steer_kernel, mutates_args={"out"}),
     )
-    if define is torch.library.custom_op:
-        for op, fake in zip(_ops, (_steer_fake, _steer_out_fake, _program_fake, _program_out_fake)):
-            op.register_fake(fake)
