@@ -1,11 +1,13 @@
-# Every target works from a fresh clone: it finds or makes a Python with torch, installs what the
-# tests and benchmarks need, builds the extension (again only when csrc/ or setup changed; the
-# install is editable, so Python edits need no rebuild), then runs.
+# Every target works from a fresh clone: it finds or makes a Python with torch, installs the
+# committed lock (requirements/: exact versions, so a clone next month tests what CI tested), builds
+# the extension (again only when csrc/ or setup changed; the install is editable, so Python edits
+# need no rebuild), then runs.
 #
-#   make bench       build, run the benchmark suite on the default device, print the table
-#   make test        build, run the test suite (CUDA tests skip without a GPU)
-#   make test-gpu    build, run the CUDA and Triton-on-GPU tests (fails without a GPU)
-#   make cuda-check  compile csrc/cuda torch-free for sm_80 and sm_90a, warnings as errors
+#   make bench        build, run the benchmark suite on the default device, print the table
+#   make test         build, run the test suite (CUDA tests skip without a GPU)
+#   make test-compat  the integration tests against the oldest supported transformers (.venv-compat)
+#   make test-gpu     build, run the CUDA and Triton-on-GPU tests (fails without a GPU)
+#   make cuda-check   compile csrc/cuda torch-free for sm_80 and sm_90a, warnings as errors
 #
 # A Python that already imports torch is reused (GPU machines ship a CUDA torch); otherwise a
 # .venv gets the pinned CPU torch. Set PYTHON to choose the interpreter.
@@ -18,13 +20,20 @@ PY := $(PYTHON)
 else
 PY := $(VENV)/bin/python
 endif
-# Packages the tests and benchmarks import, installed only where missing.
-DEPS := numpy pytest hypothesis transformers safetensors gguf matplotlib scikit-learn setuptools wheel ninja
-PINNED := torch==2.13.0 triton==3.9.0
-STAMP := build/.stamp-$(shell echo $(PY) | tr '/' '_')
+LOCK := requirements/lock.txt
+TORCH_LOCK := requirements/torch-cpu.txt
+PYTAG := $(shell echo $(PY) | tr '/' '_')
+DEPS_STAMP := build/.deps-$(PYTAG)
+STAMP := build/.stamp-$(PYTAG)
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
+# The oldest supported transformers, layered over the main environment (see requirements/lock-compat.txt).
+COMPAT := .venv-compat
+COMPAT_LOCK := requirements/lock-compat.txt
+INTEGRATION_TESTS := tests/test_patch.py tests/test_patch_cache.py tests/test_architectures.py \
+	tests/test_sparse_patch.py tests/test_sparse_calibrate.py tests/test_recipes.py tests/test_extract.py \
+	tests/test_formats.py
 
-.PHONY: bench test test-gpu build deps cuda-check clean
+.PHONY: bench test test-compat test-gpu build deps cuda-check clean
 
 bench: build
 	$(PY) -m actshift.cli bench
@@ -32,27 +41,38 @@ bench: build
 test: build
 	$(PY) -m pytest tests -q
 
+# .venv-compat holds only the compat pins; a .pth file puts the main environment after them on sys.path.
+test-compat: build
+	@test -x $(COMPAT)/bin/python || $(PY) -m venv $(COMPAT)
+	$(COMPAT)/bin/python -m pip install -q --no-deps -r $(COMPAT_LOCK)
+	echo "import site; site.addsitedir('$$($(PY) -c 'import site; print(site.getsitepackages()[0])')')" \
+		> "$$($(COMPAT)/bin/python -c 'import site; print(site.getsitepackages()[0])')/actshift-main-env.pth"
+	$(COMPAT)/bin/python -c "import transformers; print('test-compat: transformers', transformers.__version__)"
+	$(COMPAT)/bin/python -m pytest $(INTEGRATION_TESTS) -q
+
 test-gpu: build
 	@$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu: no CUDA GPU visible to torch')"
 	$(PY) -m pytest tests -q -m "cuda or triton" -rs
 
 build: $(STAMP)
 
-$(STAMP): $(SOURCES) | deps
+$(STAMP): $(SOURCES) $(TORCH_LOCK) | $(DEPS_STAMP)
 	$(PY) -m pip install --no-build-isolation --no-deps -e . -q
 	@mkdir -p build && touch $@
 
-deps:
+deps: $(DEPS_STAMP)
+
+$(DEPS_STAMP): $(LOCK) $(TORCH_LOCK)
 ifneq ($(HAS_TORCH),yes)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -c "import torch, triton" >/dev/null 2>&1 || $(PY) -m pip install -q $(PINNED)
+	@$(PY) -c "import torch, triton" >/dev/null 2>&1 || $(PY) -m pip install -q -r $(TORCH_LOCK)
 endif
-	@missing=$$($(PY) scripts/missing_modules.py $(DEPS)); \
-	if [ -n "$$missing" ]; then echo "installing $$missing"; $(PY) -m pip install -q $$missing; fi
+	$(PY) -m pip install -q --no-deps -r $(LOCK)
+	@mkdir -p build && touch $@
 
 cuda-check:
 	cmake -S . -B .cmake-build -G Ninja -DCMAKE_BUILD_TYPE=Release
 	cmake --build .cmake-build
 
 clean:
-	rm -rf build .cmake-build *.egg-info python/actshift/_C*.so python/actshift/_build_info.json
+	rm -rf build .cmake-build $(COMPAT) *.egg-info python/actshift/_C*.so python/actshift/_build_info.json

@@ -30,6 +30,8 @@ CONFIGS = {
     "gpt_neox": lambda: T.GPTNeoXConfig(vocab_size=100, hidden_size=D, intermediate_size=64, num_hidden_layers=2,
                                        num_attention_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "bert": lambda: T.BertConfig(vocab_size=100, hidden_size=D, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+    "opt": lambda: T.OPTConfig(vocab_size=100, hidden_size=D, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                               word_embed_proj_dim=D, pad_token_id=0, bos_token_id=1, eos_token_id=2),
 }
 # Full module names per architecture, written out here (not taken from the locator table) so the
 # hook reference checks that patch finds the right modules: (blocks, attention, mlp).
@@ -38,6 +40,7 @@ PATHS = {
     "gpt2": ("transformer.h", "attn", "mlp"),
     "gpt_neox": ("gpt_neox.layers", "attention", "mlp"),
     "bert": ("encoder.layer", "attention.output.dense", "output.dense"),
+    "opt": ("model.decoder.layers", "self_attn", None),  # fc1/fc2 sit in the block: no MLP module
 }
 
 
@@ -69,7 +72,8 @@ def hook_reference(model, arch, layer, site, vec):
             return args, {**kwargs, "hidden_states": kwargs["hidden_states"] + vec}
 
         return block.register_forward_pre_hook(pre, with_kwargs=True)
-    target = {"block_output": block, "attention_output": block.get_submodule(attn), "mlp_output": block.get_submodule(mlp)}[site]
+    target = {"block_output": block, "attention_output": attn, "mlp_output": mlp}[site]
+    target = block.get_submodule(target) if isinstance(target, str) else target
     return target.register_forward_hook(post)
 
 
@@ -80,6 +84,11 @@ def hook_reference(model, arch, layer, site, vec):
 @pytest.mark.parametrize("arch", list(CONFIGS))
 def test_site_matches_hook_reference_and_unpatch_is_exact(arch, site):
     model = tiny(arch)
+    if site == "mlp_output" and PATHS[arch][2] is None:
+        with pytest.raises(ValueError, match="no separate mlp module"):
+            actshift.patch(model, steering=actshift.SteeringSite(actshift.SteeringPlan(add=torch.randn(D)), site=site))
+        assert not any("forward" in m.__dict__ for m in model.modules())
+        return
     ids = torch.randint(3, 100, (2, 6))
     before = run(model, ids)
     vec = torch.randn(D)

@@ -230,6 +230,25 @@ def test_actshift_patch_composes_swaps_with_steering(monkeypatch):
     assert same_modules(modules_of(model), before)  # a failed patch leaves nothing behind
 
 
+def test_conflicting_feature_combination_is_rejected_up_front():
+    """sparsity= over FFN sites and ffn="relu_sparse" both want the FFN: the error names the
+    conflict (not "already swapped"), before anything changes; every other pairing composes."""
+    model = tiny("llama", act="relu")
+    before = modules_of(model)
+    plan = actshift.SteeringPlan(add=torch.randn(model.config.hidden_size), strength=0.5)
+    for sites in (sparse.TEAL_SITES, ("down",), "cats"):
+        thresholds = sparse.Thresholds.constant(tiny("llama"), 0.0, sites=sites)
+        with pytest.raises(ValueError, match="replaces the whole FFN.*sites=\\('qkv', 'o'\\)"):
+            actshift.patch(model, sparsity=thresholds, ffn="relu_sparse", steering=plan)
+        assert same_modules(modules_of(model), before) and actshift.integrations.transformers.get_handle(model) is None
+    full = sparse.Thresholds.constant(model, 0.0)
+    for kwargs in ({"sparsity": full}, {"ffn": "relu_sparse"}, {"sparsity": full, "steering": plan},
+                   {"ffn": "relu_sparse", "steering": plan}):
+        with actshift.patch(model, **kwargs):
+            assert not same_modules(modules_of(model), before)
+        assert same_modules(modules_of(model), before)
+
+
 def test_compiled_modules_match_eager():
     model = tiny("llama", act="relu")
     layer = model.model.layers[0]

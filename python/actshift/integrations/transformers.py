@@ -12,43 +12,21 @@ swapped modules.
 from __future__ import annotations
 
 import functools
+import inspect
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from .. import backends
+from ..ops.steer import runner as steer_runner
 from ..ops.steer import steer
 from ..steering.plan import SteeringBank, SteeringPlan, as_bank
+from . import architectures
+from .architectures import SITES
 
-SITES = ("block_output", "block_input", "attention_output", "mlp_output")
 POSITIONS = ("all", "prompt", "generated")
-
-
-@dataclass(frozen=True)
-class Locator:
-    """Where an architecture keeps its decoder blocks and their sublayers (dotted paths)."""
-
-    layers: str  # suffix of the ModuleList of blocks, relative to any module of the model
-    attention: str  # inside a block: the module whose output is the attention's contribution
-    mlp: str  # inside a block: the module whose output is the MLP's contribution
-
-
-# attention/mlp outputs are the sublayer's contribution before it joins the residual stream (before
-# any post-norm); BERT's BertSelfOutput/BertOutput fold residual and LayerNorm in, so its sites are
-# their dense projections.
-LOCATORS: dict[str, Locator] = {
-    "llama": Locator("layers", "self_attn", "mlp"),
-    "mistral": Locator("layers", "self_attn", "mlp"),
-    "qwen2": Locator("layers", "self_attn", "mlp"),
-    "qwen3": Locator("layers", "self_attn", "mlp"),
-    "gemma2": Locator("layers", "self_attn", "mlp"),
-    "gemma3_text": Locator("layers", "self_attn", "mlp"),
-    "phi3": Locator("layers", "self_attn", "mlp"),
-    "gpt2": Locator("h", "attn", "mlp"),
-    "gpt_neox": Locator("layers", "attention", "mlp"),
-    "bert": Locator("encoder.layer", "attention.output.dense", "output.dense"),
-}
 
 
 @dataclass(eq=False)
@@ -84,6 +62,17 @@ class SteeringSite:
         self.bank = as_bank(self.plan)  # TypeError for anything else
         self.per_row = not isinstance(self.plan, SteeringPlan)  # banks select plans by slot
         self._masks: dict[torch.device, torch.Tensor] = {}
+        self._run: tuple | None = None  # (device, process-wide backend, kernel call) of the last call
+
+    def runner(self, device: torch.device, backend: str):
+        """The bank's prepared kernel call on `device` (actshift.ops.steer.runner), kept for the
+        next layer and step."""
+        last, chosen = self._run, backends.get_backend()
+        if last is not None and last[0] == device and last[1] == chosen:
+            return last[2]
+        run = steer_runner(self.bank, device, backend, "add" if self.bank.is_additive else "program")
+        self._run = (device, chosen, run)
+        return run
 
     def mask_on(self, device: torch.device) -> torch.Tensor:
         """The positions mask on `device`, copied once (no host-to-device copy per layer and step)."""
@@ -121,6 +110,7 @@ class PatchHandle:
         self._pinned_prompt: int | None = None
         self._seen_prompt: int | None = None  # prompt length of the last prefill
         self._needs_step = False
+        self._row_cache: dict[tuple, tuple] = {}  # (site, batch, seq) -> (gate, slot) of this forward
 
     # --- extension point -------------------------------------------------------------------------
 
@@ -148,10 +138,16 @@ class PatchHandle:
                 raise TypeError("slots must be an int32 or int64 tensor [batch]")
             if slots.dim() != 1:
                 raise ValueError(f"slots must be [batch], got shape {tuple(slots.shape)}")
-            top = max(len(s.bank) for s in self.sites if s.per_row) if any(s.per_row for s in self.sites) else 0
-            if slots.numel() and int(slots.max()) >= top:
-                raise ValueError(f"slots holds {int(slots.max())}, out of range for banks of {top} plan(s)")
+            if slots.numel():
+                low, top = int(slots.min()), int(slots.max())
+                if low < -1:
+                    raise ValueError(f"slots holds {low}; use -1 to leave a row unsteered")
+                for site in self.sites:  # every bank that will read them, before any is used
+                    if site.per_row and top >= len(site.bank):
+                        raise ValueError(f"slots holds {top}, out of range for the bank of {len(site.bank)} plan(s) "
+                                         f"at site {site.name or site.site!r}")
         self._slots = _store(self._slots, slots)
+        self._row_cache.clear()
 
     def set_weights(self, weights: torch.Tensor | Mapping[str, torch.Tensor] | None) -> None:
         """Per-row multipliers of the steering, a float tensor [batch]: one for every site, or a
@@ -172,6 +168,7 @@ class PatchHandle:
             self._weights[name] = _store(self._weights.get(name), w.float())
         if weights is None:
             self._weights.clear()
+        self._row_cache.clear()
 
     def set_prompt_length(self, n: int | None) -> None:
         """Pins the prompt length for "prompt"/"generated" positions (e.g. to recompute a generation
@@ -194,13 +191,12 @@ class PatchHandle:
 
     # --- runtime ---------------------------------------------------------------------------------
 
-    def _begin_forward(self, kwargs: dict) -> None:
-        cache = kwargs.get("past_key_values")
-        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+    def _begin_forward(self, past: int) -> None:
         prompt = self._pinned_prompt
         if prompt is None and past > 0:  # a decode step: the prefill's length, else all cached tokens
             prompt = self._seen_prompt if self._seen_prompt is not None else past
         self.step = Step(past_length=past, prompt_length=prompt)
+        self._row_cache.clear()
         for fn in list(self._callbacks):
             fn(self, self.step)
 
@@ -209,8 +205,22 @@ class PatchHandle:
             self._seen_prompt = self.step.prompt_length
         self.step = None  # a later call that bypasses the patched model must not see a stale step
 
+    def _rows(self, site: SteeringSite, batch: int, seq: int, device: torch.device):
+        """(gate, slot) of this call as contiguous per-row tensors [batch * seq] on `device` (None
+        where every row takes 1 / plan 0), or (False, None) when no row is steered. They are the
+        same for every layer of one forward, so eager calls build them once per forward and site
+        (the cache is dropped by set_slots / set_weights and by every tracked forward); compiled
+        and captured steps build them in the graph, which then follows the buffers."""
+        key = (site, batch, seq)
+        rows = self._row_cache.get(key)
+        if rows is None:
+            rows = self._gate(site, batch, seq, device), self._slot(site, batch, seq, device)
+            if not torch.compiler.is_compiling() and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+                self._row_cache[key] = rows
+        return rows
+
     def _gate(self, site: SteeringSite, batch: int, seq: int, device) -> torch.Tensor | None | bool:
-        """Per-row multiplier [batch, seq] for this call, None for "all rows fully", False for none."""
+        """Per-row multiplier [batch * seq] fp32, None for "all rows fully", False for none."""
         positions = site.positions
         mask = None
         if not isinstance(positions, str) or positions != "all":
@@ -241,34 +251,47 @@ class PatchHandle:
         if w is not None:
             if w.shape[0] != batch:
                 raise ValueError(f"weights hold {w.shape[0]} rows but the batch has {batch}")
-            w = w[:, None].expand(batch, seq)
-            return w if mask is None else w * mask
-        return None if mask is None else mask.float()
+            w = w.to(device)
+            if mask is None:  # one token per row (decode): the buffer itself, no copy
+                return w if seq == 1 else w.repeat_interleave(seq)
+            return (w[:, None] * mask).reshape(-1)
+        return None if mask is None else mask.reshape(-1).float()
 
-    def _slot(self, site: SteeringSite, batch: int, seq: int) -> torch.Tensor | None:
+    def _slot(self, site: SteeringSite, batch: int, seq: int, device) -> torch.Tensor | None:
         if not site.per_row:
             return None
         if self._slots is None:
             raise ValueError("a SteeringSite holds a bank of plans: call handle.set_slots(tensor [batch]) first")
         if self._slots.shape[0] != batch:
             raise ValueError(f"slots hold {self._slots.shape[0]} rows but the batch has {batch}")
-        return self._slots[:, None].expand(batch, seq)
+        slots = self._slots.to(device)
+        return slots if seq == 1 else slots.repeat_interleave(seq)
 
     def _steer(self, layer: int, site: SteeringSite, x: torch.Tensor, in_place: bool) -> torch.Tensor:
-        """Steers x [batch, seq, d] (or [seq, d]); in place only where the caller says it is safe."""
+        """Steers x [batch, seq, d] (or [seq, d]); in place only where the caller says it is safe.
+
+        The decode hot path: the site's kernel call is prepared once per device (bank tensors, backend,
+        op), the per-row tensors once per forward, so a layer costs one op call plus a few checks."""
         batch, seq = (x.shape[0], x.shape[1]) if x.dim() == 3 else (1, x.shape[0])
-        gate = self._gate(site, batch, seq, x.device)
+        gate, slot = self._rows(site, batch, seq, x.device)
         if gate is False:
             return x
-        slot = self._slot(site, batch, seq)
-        if gate is not None:
-            gate = gate.to(x.device).reshape(x.shape[:-1])
-        if slot is not None:
-            slot = slot.to(x.device).reshape(x.shape[:-1])
-        in_place = in_place and x.is_contiguous() and not (torch.is_grad_enabled() and x.requires_grad)
-        result = steer(x, site.bank, slot=slot, gate=gate, out=x if in_place else None, backend=self.backend,
-                       return_monitors=site.bank.num_monitors > 0)  # monitors -> _collect (recipes branch)
-        return self._collect(layer, site, result)
+        if not x.is_contiguous():  # rare (a module returning a strided view): the general path
+            y = steer(x, site.bank, slot=None if slot is None else slot.view(x.shape[:-1]),
+                      gate=None if gate is None else gate.view(x.shape[:-1]),
+                      backend=self.backend, return_monitors=site.bank.num_monitors > 0)
+            return self._collect(layer, site, y)
+        x2 = x.view(-1, x.shape[-1])
+        in_place = in_place and not (x.requires_grad and torch.is_grad_enabled())
+        out2 = x2 if in_place else None
+        run = site.runner(x.device, self.backend)
+        if site.bank.is_additive:
+            y2 = run(x2, gate, slot, out2, in_place)
+        else:
+            y2, monitors = run(x2, gate, slot, out2, in_place, None)
+            if site.bank.num_monitors:
+                self.monitors[(layer, site.site)] = monitors.view(*x.shape[:-1], monitors.shape[-1])
+        return x if in_place else y2.view(x.shape)
 
     def _collect(self, layer: int, site: SteeringSite, result):
         # steer returns (y, monitors) for plans with monitors; the latest forward's read-outs are
@@ -292,22 +315,70 @@ def _store(buffer: torch.Tensor | None, value: torch.Tensor | None) -> torch.Ten
 _HANDLE_ATTR = "_actshift_patch"
 
 
+# --- where the KV cache is ------------------------------------------------------------------------
+
+# The names generate() has passed the KV cache under: `cache` from transformers 5.24 on,
+# `past_key_values` before (and still accepted, deprecated). tests/test_patch_cache.py names this
+# assumption: a release that renames it again fails there, and PastLength raises instead of guessing.
+CACHE_NAMES = ("cache", "past_key_values")
+# Other parameter names that look like a cache but hold none (flags and positions).
+_NOT_CACHE = frozenset({"use_cache", "cache_position", "cache_implementation", "cache_config", "return_legacy_cache"})
+
+
+class PastLength:
+    """Tokens already in the KV cache of one forward call of a model, however the call passes it:
+    as `cache=` or `past_key_values=`, positionally, or only as `cache_position`.
+
+    An argument that looks like a cache (its name has "cache" or "past" in it) but is not a
+    transformers Cache raises TypeError: positions would be wrong, so nothing is guessed."""
+
+    def __init__(self, forward: Callable):
+        from transformers.cache_utils import Cache  # the patch layer serves transformers models
+
+        self._cache_type = Cache
+        try:
+            params = list(inspect.signature(forward).parameters.values())
+        except (TypeError, ValueError):
+            params = []
+        positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        self._positional = [(name, positional.index(name)) for name in CACHE_NAMES if name in positional]
+
+    def __call__(self, args: tuple, kwargs: dict) -> int:
+        cache = None
+        for name in CACHE_NAMES:
+            cache = kwargs.get(name)
+            if cache is not None:
+                break
+        else:
+            for name, i in self._positional:
+                if i < len(args) and args[i] is not None:
+                    cache = args[i]
+                    break
+            else:
+                cache = self._unknown_cache(kwargs)
+        if cache is not None:
+            if not isinstance(cache, self._cache_type):
+                raise TypeError(f"actshift.patch: the KV cache passed to the model is a {type(cache).__name__}, "
+                                "not a transformers Cache; cannot tell which tokens are cached")
+            return int(cache.get_seq_length())
+        position = kwargs.get("cache_position")
+        if isinstance(position, torch.Tensor) and position.numel():
+            return int(position.reshape(-1)[0])
+        return 0
+
+    def _unknown_cache(self, kwargs: dict):
+        """A cache passed under a name this module does not know: found by type, or an error."""
+        for name, value in kwargs.items():
+            if isinstance(value, self._cache_type):
+                return value
+            if value is not None and name not in _NOT_CACHE and ("cache" in name or "past" in name):
+                raise TypeError(f"actshift.patch: the model was called with {name}= ({type(value).__name__}), an "
+                                "argument this version of actshift does not know; it cannot tell which tokens are "
+                                "cached, so positions other than 'all' and on_step cannot run")
+        return None
+
+
 # --- locating the sites ---------------------------------------------------------------------------
-
-
-def locate_layers(model: torch.nn.Module) -> tuple[Locator, torch.nn.ModuleList]:
-    """The architecture's locator and its ModuleList of decoder (or encoder) blocks."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type is None:
-        raise TypeError(f"model must be a transformers PreTrainedModel with a config, got {type(model).__name__}")
-    loc = LOCATORS.get(model_type)
-    if loc is None:
-        raise ValueError(f"model type {model_type!r} is not supported; supported: {', '.join(LOCATORS)}")
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and (name == loc.layers or name.endswith("." + loc.layers)):
-            return loc, module
-    raise ValueError(f"no ModuleList '{loc.layers}' found in this {model_type} model")
 
 
 def _resolve_layers(layers, n: int) -> list[int]:
@@ -378,22 +449,21 @@ def _hidden_arg(args, kwargs):
 def patch_steering(model: torch.nn.Module, steering, handle: PatchHandle) -> None:
     """Installs steering wrappers (see `patch`). Validates everything before changing the model."""
     sites = _as_sites(steering)
-    loc, blocks = locate_layers(model)
-    hidden = getattr(model.config, "hidden_size", None)
+    arch = architectures.architecture(model)
+    blocks = architectures.blocks(model, arch)
+    hidden = architectures.hidden_size(model)
     n = len(blocks)
     pre: dict[torch.nn.Module, list] = {}
     post: dict[torch.nn.Module, list] = {}
     for s in sites:
-        if hidden is not None and s.bank.hidden_size != hidden:
+        if s.bank.hidden_size != hidden:
             raise ValueError(f"steering plan has hidden size {s.bank.hidden_size} but the model's hidden size is {hidden}")
         for i in _resolve_layers(s.layers, n):
             block = blocks[i]
             if s.site == "block_input":
                 pre.setdefault(block, []).append((i, s))
             else:
-                path = {"block_output": "", "attention_output": loc.attention, "mlp_output": loc.mlp}[s.site]
-                target = block.get_submodule(path)
-                post.setdefault(target, []).append((i, s))
+                post.setdefault(architectures.site_module(arch, block, s.site, i), []).append((i, s))
     handle.sites.extend(sites)
     handle._needs_step = handle._needs_step or any(
         isinstance(s.positions, torch.Tensor) or s.positions != "all" for s in sites)
@@ -402,11 +472,14 @@ def patch_steering(model: torch.nn.Module, steering, handle: PatchHandle) -> Non
         _wrap_forward(module, lambda fwd, m=module: _steered_forward(fwd, pre.get(m, ()), post.get(m, ()), handle), handle)
 
     def begin(fwd):
+        past_length = PastLength(fwd)
+
         @functools.wraps(fwd)  # generate() reads the forward's signature (attention_mask, logits_to_keep, ...)
         def forward(*args, **kwargs):
             if not handle._needs_step:  # positions "all" and no callbacks: nothing to track
+                handle._row_cache.clear()  # keys hold the call's shape: keep one forward's
                 return fwd(*args, **kwargs)
-            handle._begin_forward(kwargs)
+            handle._begin_forward(past_length(args, kwargs))
             out = fwd(*args, **kwargs)
             handle._end_forward()
             return out
@@ -467,7 +540,8 @@ def patch(model: torch.nn.Module, *, steering=None, sparsity=None, ffn=None, bac
     """Patches this model instance in place and returns the handle (also a context manager).
 
     Args:
-        model: a transformers model of a type in LOCATORS (e.g. LlamaForCausalLM, GPT2LMHeadModel).
+        model: a transformers model of a type in actshift.integrations.architectures (e.g.
+            LlamaForCausalLM, GPT2LMHeadModel).
         steering: a SteeringPlan or SteeringBank (every layer's block output), a {layer: plan}
             mapping, a SteeringSite, or a list of SteeringSites.
         sparsity: actshift.sparse.Thresholds from `actshift.sparse.calibrate` (TEAL sites: sparse
@@ -481,6 +555,7 @@ def patch(model: torch.nn.Module, *, steering=None, sparsity=None, ffn=None, bac
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if get_handle(model) is not None:
         raise ValueError("model is already patched; call actshift.unpatch(model) first")
+    _check_combination(sparsity, ffn)
     handle = PatchHandle(model, backend)
     specs = {"sparsity": sparsity, "ffn": ffn, "steering": steering}
     try:
@@ -492,6 +567,22 @@ def patch(model: torch.nn.Module, *, steering=None, sparsity=None, ffn=None, bac
         raise
     model.__dict__[_HANDLE_ATTR] = handle
     return handle
+
+
+# TEAL / CATS sites inside the FFN, which ffn="relu_sparse" replaces whole.
+_FFN_SITES = ("gate_up", "down", "cats")
+
+
+def _check_combination(sparsity, ffn) -> None:
+    """Rejects feature combinations that would swap the same module twice, before anything changes."""
+    if sparsity is None or ffn is None:
+        return
+    clash = [s for s in getattr(sparsity, "sites", ()) if s in _FFN_SITES]
+    if clash:
+        raise ValueError(
+            f"sparsity= thresholds cover the FFN sites {clash}, but ffn={ffn!r} replaces the whole FFN; to combine "
+            "them, calibrate the attention sites only (actshift.sparse.calibrate(..., sites=('qkv', 'o'))), "
+            "or pass only one of sparsity= and ffn=")
 
 
 def _undo_all(handle: PatchHandle) -> None:

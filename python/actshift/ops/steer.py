@@ -144,30 +144,90 @@ def _as_rows(x, gate, slot, out):
     return x2, gate, slot, out2
 
 
-def _run(x, vectors, weights, strength, gate, slot, out, backend: str, check_slots: bool) -> torch.Tensor:
-    """Checks the per-row arguments, picks the backend and runs it on x [..., d]."""
-    x2, gate, slot, out2 = _as_rows(x, gate, slot, out)
-    shape = x.shape
-    name = backends.resolve(backend, x2.device)
-    if slot is not None and check_slots and name != "cpu":  # the C++ CPU kernel checks while it runs
-        _check_slot_values(slot, vectors.shape[0])
+def _additive_runner(name: str, vectors, weights, strength, check_slots: bool = True):
+    """The additive kernel of backend `name` bound to bank tensors: run(x2, gate, slot, out2, inplace)
+    on checked [rows, d] arguments returns y (or out2). Built once per bank and device (see
+    `runner`), so a decode step pays for one op call and little else."""
+    num_plans = vectors.shape[0]
+    check = check_slots and name != "cpu"  # the C++ CPU kernel checks slots while it runs
     if name == "reference":
-        y = reference.steer(x2, vectors, weights, strength, gate, slot)
+        def run(x2, gate, slot, out2, inplace):
+            if check and slot is not None:
+                _check_slot_values(slot, num_plans)
+            y = reference.steer(x2, vectors, weights, strength, gate, slot)
+            return y if out2 is None else out2.copy_(y)
     elif name == "triton":
         _triton_ready()
-        if out2 is not None:
-            torch.ops.actshift.steer_triton_out(x2, vectors, weights, strength, gate, slot, out2, out is x)
-            return out
-        y = torch.ops.actshift.steer_triton(x2, vectors, weights, strength, gate, slot)
-    elif out2 is not None:
-        torch.ops.actshift.steer_out(x2, vectors, weights, strength, gate, slot, out2)
-        return out
+        op, op_out = torch.ops.actshift.steer_triton.default, torch.ops.actshift.steer_triton_out.default
+
+        def run(x2, gate, slot, out2, inplace):
+            if check and slot is not None:
+                _check_slot_values(slot, num_plans)
+            if out2 is None:
+                return op(x2, vectors, weights, strength, gate, slot)
+            op_out(x2, vectors, weights, strength, gate, slot, out2, inplace)
+            return out2
     else:
-        y = torch.ops.actshift.steer(x2, vectors, weights, strength, gate, slot)
-    if out2 is not None:  # reference backend
-        out2.copy_(y)
-        return out
-    return y if x.dim() == 2 else y.view(shape)
+        op, op_out = torch.ops.actshift.steer.default, torch.ops.actshift.steer_out.default
+
+        def run(x2, gate, slot, out2, inplace):
+            if check and slot is not None:
+                _check_slot_values(slot, num_plans)
+            if out2 is None:
+                return op(x2, vectors, weights, strength, gate, slot)
+            op_out(x2, vectors, weights, strength, gate, slot, out2)
+            return out2
+    return run
+
+
+def _program_runner(name: str, prog):
+    """Like `_additive_runner` for the full program: run(x2, gate, slot, out2, inplace, row_weights)
+    returns (y or out2, monitors [rows, P])."""
+    num_plans = prog.meta.shape[0]
+    check = name != "cpu"
+    if name == "reference":
+        def run(x2, gate, slot, out2, inplace, row_weights):
+            if check and slot is not None:
+                _check_slot_values(slot, num_plans)
+            y, monitors = reference.steer_program(x2, *prog, gate, slot, row_weights)
+            return (y if out2 is None else out2.copy_(y)), monitors
+    elif name == "triton":
+        op, op_out = torch.ops.actshift.steer_program_triton.default, torch.ops.actshift.steer_program_triton_out.default
+
+        def run(x2, gate, slot, out2, inplace, row_weights):
+            if check and slot is not None:
+                _check_slot_values(slot, num_plans)
+            if out2 is None:
+                return op(x2, *prog, gate, slot, row_weights)
+            return out2, op_out(x2, *prog, gate, slot, row_weights, out2, inplace)
+    else:
+        op, op_out = torch.ops.actshift.steer_program.default, torch.ops.actshift.steer_program_out.default
+
+        def run(x2, gate, slot, out2, inplace, row_weights):
+            if check and slot is not None:
+                _check_slot_values(slot, num_plans)
+            if out2 is None:
+                return op(x2, *prog, gate, slot, row_weights)
+            return out2, op_out(x2, *prog, gate, slot, row_weights, out2)
+    return run
+
+
+def runner(bank: SteeringBank, device: torch.device, backend: str = "auto", kind: str = "add"):
+    """The bank's kernel call on `device`, cached on the bank: kind "add" (additive plans, folded),
+    "program" (the full program, folded add vectors) or "rows" (the program with per-row weights).
+    Returns `run` as built by `_additive_runner` / `_program_runner`; its arguments must already be
+    checked (as `steer` does, or the patch layer, which builds them itself)."""
+    name = backends.resolve(backend, device)
+    key = ("run", kind, device, name)
+    run = bank._cache.get(key)
+    if run is None:
+        if kind == "add":
+            run = _additive_runner(name, *bank.tensors(device))
+        else:
+            name = _program_backend(name, device, backend)
+            run = _program_runner(name, bank.program(device, folded=kind == "program"))
+        bank._cache[key] = run
+    return run
 
 
 def apply_steer(
@@ -193,7 +253,10 @@ def apply_steer(
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     _check_bank(x, vectors, weights, strength)
-    return _run(x, vectors, weights, strength, gate, slot, out, backend, check_slots)
+    x2, gate, slot, out2 = _as_rows(x, gate, slot, out)
+    run = _additive_runner(backends.resolve(backend, x2.device), vectors, weights, strength, check_slots)
+    y = run(x2, gate, slot, out2, out is x)
+    return out if out2 is not None else (y if x.dim() == 2 else y.view(x.shape))
 
 
 def _fold_mask(gate, mask, x: torch.Tensor):
@@ -247,35 +310,6 @@ def _check_row_weights(weights, x2: torch.Tensor, M: int) -> torch.Tensor:
     return weights.float().contiguous()
 
 
-def _run_program(x, bank: SteeringBank, gate, slot, weights, out, backend: str):
-    """The full program on x [..., d]; returns (y or out, monitors [..., P])."""
-    x2, gate, slot, out2 = _as_rows(x, gate, slot, out)
-    shape = x.shape
-    row_weights = None if weights is None else _check_row_weights(weights, x2, bank.max_vectors)
-    name = backends.resolve(backend, x2.device)
-    name = _program_backend(name, x2.device, backend)
-    prog = bank.program(x2.device, folded=row_weights is None)
-    if slot is not None and name != "cpu":  # the C++ CPU kernel checks while it runs
-        _check_slot_values(slot, len(bank))
-    if name == "reference":
-        y, monitors = reference.steer_program(x2, *prog, gate, slot, row_weights)
-        if out2 is not None:
-            out2.copy_(y)
-    elif name == "triton":
-        if out2 is not None:
-            monitors = torch.ops.actshift.steer_program_triton_out(x2, *prog, gate, slot, row_weights, out2, out is x)
-        else:
-            y, monitors = torch.ops.actshift.steer_program_triton(x2, *prog, gate, slot, row_weights)
-    elif out2 is not None:
-        monitors = torch.ops.actshift.steer_program_out(x2, *prog, gate, slot, row_weights, out2)
-    else:
-        y, monitors = torch.ops.actshift.steer_program(x2, *prog, gate, slot, row_weights)
-    monitors = monitors.view(*shape[:-1], monitors.shape[-1])
-    if out2 is not None:
-        return out, monitors
-    return (y if x.dim() == 2 else y.view(shape)), monitors
-
-
 def steer(
     x: torch.Tensor,
     plan,
@@ -313,15 +347,21 @@ def steer(
         A new tensor shaped like x, or `out`; with return_monitors, (that, monitors).
     """
     bank = as_bank(plan)
-    if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] != bank.hidden_size:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() >= 1 and x.shape[-1] != bank.hidden_size:
         raise ValueError(f"x has hidden size {x.shape[-1]} but the plan was built for {bank.hidden_size}")
     if slot is None and len(bank) > 1:
         raise ValueError(f"slot is required when the plan bank holds {len(bank)} plans")
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    gate = _fold_mask(gate, mask, x)
+    if mask is not None:
+        gate = _fold_mask(gate, mask, x)
+    x2, gate, slot, out2 = _as_rows(x, gate, slot, out)
     if bank.is_additive and weights is None and not return_monitors:
-        vectors, weights_, strength = bank.tensors(x.device)
-        return _run(x, vectors, weights_, strength, gate, slot, out, backend, check_slots=True)
-    y, monitors = _run_program(x, bank, gate, slot, weights, out, backend)
+        y = runner(bank, x2.device, backend, "add")(x2, gate, slot, out2, out is x)
+        return out if out2 is not None else (y if x.dim() == 2 else y.view(x.shape))
+    row_weights = None if weights is None else _check_row_weights(weights, x2, bank.max_vectors)
+    run = runner(bank, x2.device, backend, "program" if row_weights is None else "rows")
+    y, monitors = run(x2, gate, slot, out2, out is x, row_weights)
+    y = out if out2 is not None else (y if x.dim() == 2 else y.view(x.shape))
+    monitors = monitors.view(*x.shape[:-1], monitors.shape[-1])
     return (y, monitors) if return_monitors else y

@@ -134,7 +134,7 @@ def _threshold(x: torch.Tensor, t: float) -> torch.Tensor:
 def _site_modules(layer: _sites.Layer, site: str) -> list[nn.Module]:
     """The modules whose input (TEAL) or output (CATS: the activation module) is the site."""
     if site == _sites.CATS_SITE:
-        return [layer.mlp().act_fn]
+        return [layer.module.get_submodule(layer.arch.act)]
     return [m for _, m in layer.linears(site)]
 
 
@@ -153,9 +153,9 @@ def _install(layer: _sites.Layer, site: str, fn, *, observe_only: bool) -> list:
 def simulate(model: nn.Module, thresholds: Thresholds):
     """Context manager: the model computes as if sparsified (x -> x·(|x| > t) at every site, prefill
     and decode alike), with plain PyTorch hooks. For quality measurements; no speedup."""
-    fam = _sites.family(model)
+    arch = _sites.family(model)
     lays = _sites.layers(model)
-    thresholds.check_model(lays, fam)
+    thresholds.check_model(lays, arch)
     handles = []
     for (i, site), t in thresholds.values.items():
         handles += _install(lays[i], site, lambda x, t=t: _threshold(x, t), observe_only=False)
@@ -199,8 +199,8 @@ def calibrate(model: nn.Module, batches: Iterable, target_sparsity: float, sites
 
     Thresholds are histogram quantiles (see the module docstring: 0.085% relative resolution).
     """
-    fam = _sites.family(model)
-    names = _sites.check_sites(sites, fam)
+    arch = _sites.family(model)
+    names = _sites.check_sites(sites, arch)
     target = _check_fraction(target_sparsity, "target_sparsity")
     if greedy:
         if names == (_sites.CATS_SITE,):
@@ -302,9 +302,9 @@ def realized_sparsity(model: nn.Module, thresholds: Thresholds, batches: Iterabl
     `mean` weights each site by the weight parameters that read it (TEAL's effective sparsity).
     Thresholds are calibrated on dense activations, so sites downstream of sparsified ones (o,
     down) typically come out a few points sparser than calibrated."""
-    fam = _sites.family(model)
+    arch = _sites.family(model)
     lays = _sites.layers(model)
-    thresholds.check_model(lays, fam)
+    thresholds.check_model(lays, arch)
     counts = {k: [0, 0] for k in thresholds.values}
     handles = []
     for (i, site), t in thresholds.values.items():

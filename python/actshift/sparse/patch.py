@@ -16,13 +16,11 @@ from . import sites as _sites
 from .cats import CatsMLP
 from .ffn import ReluFFN, ReluGatedMLP
 from .linear import SparseLinear
-from .relufy import ACT_PATH, FATReLU, set_submodule
+from .relufy import FATReLU, set_submodule
 from .thresholds import Thresholds
 
 _UNDO_ATTR = "_actshift_sparse_undo"
 _SWAPPED = (SparseLinear, CatsMLP, ReluGatedMLP, ReluFFN)
-# Non-gated FFN linears per family (first, second); the activation path is relufy.ACT_PATH.
-FFN_PATHS = {"gpt2": ("mlp.c_fc", "mlp.c_proj"), "bert": ("intermediate.dense", "output.dense"), "opt": ("fc1", "fc2")}
 
 
 def _apply(model: nn.Module, swaps: list[tuple[nn.Module, str, nn.Module]], handle) -> Callable[[], None]:
@@ -78,20 +76,21 @@ def patch_sparsity(model: nn.Module, thresholds: Thresholds, handle=None, *, pre
         raise TypeError(f"thresholds must be an actshift.sparse.Thresholds, got {type(thresholds).__name__}")
     if prefill not in ("dense", "sparse"):
         raise ValueError(f"prefill must be 'dense' or 'sparse', got {prefill!r}")
-    fam = _sites.family(model)
     lays = _sites.layers(model)
-    thresholds.check_model(lays, fam)
+    thresholds.check_model(lays, _sites.family(model))
     be = _backend(backend, handle)
     swaps = []
     for (i, site), t in sorted(thresholds.values.items()):
         layer = lays[i]
         if site == _sites.CATS_SITE:
-            mlp = _check_free(layer, "mlp")
-            if not _is_silu(getattr(mlp, "act_fn", None)):
-                raise ValueError(f"thresholds: CATS needs a SiLU MLP; layer {i} has {type(getattr(mlp, 'act_fn', None)).__name__}")
-            swaps.append((layer.module, "mlp", CatsMLP(mlp, t, prefill=prefill, backend=be)))
+            path = layer.arch.ffn_linears[0]
+            mlp = _check_free(layer, path)
+            act = _check_free(layer, layer.arch.act)
+            if not _is_silu(act):
+                raise ValueError(f"thresholds: CATS needs a SiLU MLP; layer {i} has {type(act).__name__}")
+            swaps.append((layer.module, path, CatsMLP(mlp, t, prefill=prefill, backend=be)))
             continue
-        for path in _sites.SITE_PATHS[fam][site]:
+        for path in layer.arch.linears[site]:
             swaps.append((layer.module, path, SparseLinear(_check_free(layer, path), t, prefill=prefill, backend=be)))
     return _apply(model, swaps, handle)
 
@@ -120,26 +119,29 @@ def patch_ffn(model: nn.Module, mode: str = "relu_sparse", handle=None, *, backe
     """
     if mode != "relu_sparse":
         raise ValueError(f"mode must be 'relu_sparse', got {mode!r}")
-    fam = _sites.family(model)
+    arch = _sites.family(model)
+    if arch.ffn is None:
+        raise ValueError(f"model: {arch.name} FFNs cannot be swapped for ReLU-sparse ones (no plain or gated FFN entry)")
     be = _backend(backend, handle)
     swaps = []
     for layer in _sites.layers(model):
-        for path in ("mlp", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj") if fam == "llama" else FFN_PATHS[fam]:
+        for path in arch.ffn_linears:
             _check_free(layer, path)
-        act_mod = layer.module.get_submodule(ACT_PATH[fam])
+        act_mod = _check_free(layer, arch.act)
         act = relu_act(act_mod)
         if act is None:
             raise ValueError(
                 f"model: layer {layer.index} FFN activation is {type(act_mod).__name__}, not ReLU-family "
                 "(relu, relu2, FATReLU): exact skipping needs exact zeros. Convert with actshift.sparse.relufy "
                 "(lossy) or use calibrated thresholds with patch_sparsity")
-        if fam == "llama":
-            swaps.append((layer.module, "mlp", ReluGatedMLP(layer.module.mlp, *act, backend=be)))
+        if arch.ffn == "gated":
+            mlp = arch.ffn_linears[0]
+            swaps.append((layer.module, mlp, ReluGatedMLP(layer.module.get_submodule(mlp), *act, backend=be)))
             continue
-        first, second = FFN_PATHS[fam]
+        first, second = arch.ffn_linears
         fc1, fc2 = _check_free(layer, first), _check_free(layer, second)
         swaps += [(layer.module, first, ReluFFN(fc1, act_mod, fc2, *act, backend=be)),
-                  (layer.module, ACT_PATH[fam], nn.Identity()),
+                  (layer.module, arch.act, nn.Identity()),
                   (layer.module, second, nn.Identity())]
     return _apply(model, swaps, handle)
 

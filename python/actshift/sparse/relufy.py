@@ -12,10 +12,6 @@ from . import sites as _sites
 from .calibrate import Histogram, SparsityTable, _check_fraction, _hooks, eval_mode, run_batches
 from .thresholds import check_threshold
 
-# Where each family's FFN activation module lives inside a layer.
-ACT_PATH = {"llama": "mlp.act_fn", "gpt2": "mlp.act", "bert": "intermediate.intermediate_act_fn", "opt": "activation_fn"}
-
-
 class FATReLU(nn.Module):
     """ProSparse's FATReLU: x where x > threshold, else 0 (threshold >= 0; 0 is ReLU)."""
 
@@ -32,10 +28,9 @@ class FATReLU(nn.Module):
 
 def act_modules(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
     """(layer module, path of its FFN activation, the activation module) per layer."""
-    fam = _sites.family(model)
-    path = ACT_PATH[fam]
     out = []
     for layer in _sites.layers(model):
+        path = layer.arch.act
         try:
             out.append((layer.module, path, layer.module.get_submodule(path)))
         except AttributeError:

@@ -1,4 +1,4 @@
-"""Where the sparsifiable linears of each supported architecture live.
+"""The sparse layer's view of the architecture table (actshift.integrations.architectures).
 
 A *site* is one activation that feeds one or more linears: TEAL sparsifies the input of every
 linear, and linears that read the same activation share a site (and so a threshold):
@@ -15,82 +15,43 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-TEAL_SITES = ("qkv", "o", "gate_up", "down")
-CATS_SITE = "cats"
+from ..integrations.architectures import ARCHITECTURES, TEAL_SITES, Architecture, architecture, blocks, model_type
 
-# model_type -> family; each family lists, per site, the linears' paths inside one layer.
-FAMILY_OF = {
-    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
-    "gpt2": "gpt2", "bert": "bert", "opt": "opt",
-}
-SITE_PATHS = {
-    "llama": {
-        "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        "o": ("self_attn.o_proj",),
-        "gate_up": ("mlp.gate_proj", "mlp.up_proj"),
-        "down": ("mlp.down_proj",),
-    },
-    "gpt2": {"qkv": ("attn.c_attn",), "o": ("attn.c_proj",), "gate_up": ("mlp.c_fc",), "down": ("mlp.c_proj",)},
-    "bert": {
-        "qkv": ("attention.self.query", "attention.self.key", "attention.self.value"),
-        "o": ("attention.output.dense",),
-        "gate_up": ("intermediate.dense",),
-        "down": ("output.dense",),
-    },
-    "opt": {
-        "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        "o": ("self_attn.out_proj",),
-        "gate_up": ("fc1",),
-        "down": ("fc2",),
-    },
-}
+CATS_SITE = "cats"
 
 
 @dataclass
 class Layer:
-    """One transformer block: its index, the module, and its family's site paths."""
+    """One transformer block: its index, the module, and its architecture entry."""
 
     index: int
     module: nn.Module
-    family: str
+    arch: Architecture
 
     def linears(self, site: str) -> list[tuple[str, nn.Module]]:
         """(path inside the layer, module) of the linears reading `site`."""
-        return [(p, self.module.get_submodule(p)) for p in SITE_PATHS[self.family][site]]
+        return [(p, self.module.get_submodule(p)) for p in self.arch.linears[site]]
 
     def mlp(self) -> nn.Module:
-        """The gated MLP module (llama family only)."""
-        return self.module.get_submodule("mlp")
+        """The gated MLP module (gated FFNs only)."""
+        return self.module.get_submodule(self.arch.ffn_linears[0])
 
 
-def family(model: nn.Module) -> str:
-    """The architecture family of a transformers model; ValueError naming `model` otherwise."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in FAMILY_OF:
-        raise ValueError(
-            f"model: unsupported architecture {model_type!r} (supported model_type: {', '.join(sorted(FAMILY_OF))})"
-        )
-    return FAMILY_OF[model_type]
+def family(model: nn.Module) -> Architecture:
+    """The architecture entry of a transformers model with sparsity support; ValueError naming
+    `model` otherwise."""
+    arch = architecture(model)
+    if not arch.sparse:
+        supported = sorted(t for a in ARCHITECTURES if a.sparse for t in a.model_types)
+        raise ValueError(f"model: unsupported architecture {model_type(model)!r} for sparsity "
+                         f"(supported model_type: {', '.join(supported)})")
+    return arch
 
 
 def layers(model: nn.Module) -> list[Layer]:
-    """The model's transformer blocks in order: the first ModuleList whose items hold the attention
-    input linears (present whether or not the MLP has been swapped)."""
-    fam = family(model)
-    paths = SITE_PATHS[fam]["qkv"]
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) and all(_has(module[0], p) for p in paths):
-            return [Layer(i, block, fam) for i, block in enumerate(module)]
-    raise ValueError(f"model: found no list of {fam}-style layers holding {', '.join(paths)}")
-
-
-def _has(module: nn.Module, path: str) -> bool:
-    try:
-        module.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
+    """The model's transformer blocks in order."""
+    arch = family(model)
+    return [Layer(i, block, arch) for i, block in enumerate(blocks(model, arch))]
 
 
 def linear_weight_t(module: nn.Module) -> tuple[torch.Tensor, int, int]:
@@ -107,8 +68,8 @@ def site_params(layer: Layer, site: str) -> int:
     return sum(linear_weight_t(m)[0].numel() for _, m in layer.linears(site))
 
 
-def check_sites(sites, fam: str) -> tuple[str, ...]:
-    """The requested sites as a tuple: a subset of TEAL_SITES, or "cats" (gated llama family only)."""
+def check_sites(sites, arch: Architecture) -> tuple[str, ...]:
+    """The requested sites as a tuple: a subset of TEAL_SITES, or "cats" (gated FFNs only)."""
     if isinstance(sites, str):
         sites = (sites,)
     try:
@@ -116,8 +77,8 @@ def check_sites(sites, fam: str) -> tuple[str, ...]:
     except TypeError:
         raise TypeError(f"sites must be a sequence of site names or 'cats', got {sites!r}") from None
     if sites == (CATS_SITE,):
-        if fam != "llama":
-            raise ValueError(f"sites='cats' needs a gated MLP (Llama/Mistral/Qwen), not a {fam} model")
+        if arch.ffn != "gated":
+            raise ValueError(f"sites='cats' needs a gated MLP (Llama/Mistral/Qwen), not a {arch.name} model")
         return sites
     bad = [s for s in sites if s not in TEAL_SITES]
     if bad or not sites or len(set(sites)) != len(sites):

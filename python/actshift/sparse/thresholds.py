@@ -53,8 +53,7 @@ class Thresholds:
     @classmethod
     def constant(cls, model, value: float, sites=_sites.TEAL_SITES) -> Thresholds:
         """The same threshold at every layer and site of `model` (0 keeps every nonzero input)."""
-        fam = _sites.family(model)
-        names = _sites.check_sites(sites, fam)
+        names = _sites.check_sites(sites, _sites.family(model))
         value = check_threshold(value, "value")
         n = len(_sites.layers(model))
         return cls({(i, s): value for i in range(n) for s in names}, meta={"model_type": model.config.model_type})
@@ -109,9 +108,9 @@ class Thresholds:
 
         return cls(keyed(data["values"]), target=data["target"], sparsity=keyed(data["sparsity"]), meta=data["meta"])
 
-    def check_model(self, layers: list, fam: str) -> None:
+    def check_model(self, layers: list, arch) -> None:
         """ValueError naming `thresholds` when they do not fit the model's layers/sites."""
         if self.num_layers > len(layers):
             raise ValueError(f"thresholds: set for {self.num_layers} layers, the model has {len(layers)}")
-        if self.mode == "cats" and fam != "llama":
-            raise ValueError(f"thresholds: CATS thresholds need a gated MLP (Llama/Mistral/Qwen), not a {fam} model")
+        if self.mode == "cats" and arch.ffn != "gated":
+            raise ValueError(f"thresholds: CATS thresholds need a gated MLP (Llama/Mistral/Qwen), not a {arch.name} model")

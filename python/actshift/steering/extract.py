@@ -13,45 +13,18 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-SITES = ("block_output", "block_input", "attention_output", "mlp_output")
+from ..integrations import architectures
+
+SITES = architectures.SITES
 POOLINGS = ("last", "mean", None)
-
-# Where the decoder layers live (attribute paths tried in order), and the attention / MLP child of a
-# layer. Small on purpose: the patch layer (actshift.patch) owns the full per-architecture table.
-_LAYER_PATHS = (
-    "model.layers", "model.language_model.layers", "language_model.model.layers", "layers",
-    "transformer.h", "gpt_neox.layers", "model.decoder.layers", "bert.encoder.layer", "encoder.layer",
-)
-_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
-_MLP_NAMES = ("mlp", "feed_forward", "ffn")
-
-
-def _get_path(obj, path: str):
-    for name in path.split("."):
-        obj = getattr(obj, name, None)
-        if obj is None:
-            return None
-    return obj
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The model's list of decoder (or encoder) blocks; ValueError naming the model if not found."""
-    for path in _LAYER_PATHS:
-        layers = _get_path(model, path)
-        if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
-            return layers
-    raise ValueError(f"model: cannot find the decoder layers of {type(model).__name__} (tried {', '.join(_LAYER_PATHS)})")
+    """The model's list of decoder (or encoder) blocks (see actshift.integrations.architectures)."""
+    return architectures.blocks(model)
 
 
-def hidden_size(model: torch.nn.Module) -> int:
-    """The residual-stream width from the model's config."""
-    config = getattr(model, "config", None)
-    config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
-    for name in ("hidden_size", "n_embd", "d_model"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    raise ValueError(f"model: cannot read the hidden size from the config of {type(model).__name__}")
+hidden_size = architectures.hidden_size
 
 
 def check_layers(layers, num_layers: int, name: str = "layers") -> list[int]:
@@ -70,17 +43,6 @@ def check_layers(layers, num_layers: int, name: str = "layers") -> list[int]:
     if not out:
         raise ValueError(f"{name} must name at least one layer")
     return sorted(set(out))
-
-
-def _site_module(layer: torch.nn.Module, site: str, index: int) -> torch.nn.Module:
-    if site in ("block_output", "block_input"):
-        return layer
-    names = _ATTN_NAMES if site == "attention_output" else _MLP_NAMES
-    for name in names:
-        child = getattr(layer, name, None)
-        if isinstance(child, torch.nn.Module):
-            return child
-    raise ValueError(f"site: layer {index} ({type(layer).__name__}) has no {site} submodule (tried {', '.join(names)})")
 
 
 def _first_tensor(value) -> torch.Tensor:
@@ -177,7 +139,7 @@ def extract_activations(
     """Runs `model` on `inputs` and returns each requested layer's activations, fp32 on CPU.
 
     Args:
-        model: a transformers model (decoder layers found under model.layers, transformer.h, ...).
+        model: a transformers model of a type in actshift.integrations.architectures.
         inputs: strings (with `tokenizer`), a [n, seq] token-id tensor, or a dict with `input_ids`
             and `attention_mask` (left or right padding).
         layers: a layer index or indices (0-based decoder blocks; negative counts from the end).
@@ -201,7 +163,8 @@ def extract_activations(
         raise ValueError(f"pooling must be 'last', 'mean' or None; got {pooling!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    blocks = decoder_layers(model)
+    arch = architectures.architecture(model)
+    blocks = architectures.blocks(model, arch)
     layers = check_layers(layers, len(blocks))
     batches = list(_batches(inputs, tokenizer, batch_size))
     total = sum(ids.shape[0] for ids, _ in batches)
@@ -226,7 +189,7 @@ def extract_activations(
     bar = _progress(total, progress, "extracting")
     try:
         for layer in layers:
-            module = _site_module(blocks[layer], site, layer)
+            module = architectures.site_module(arch, blocks[layer], site, layer)
             pre = site == "block_input"
             if pre:
                 handles.append(module.register_forward_pre_hook(make_hook(layer, True), with_kwargs=True))
