@@ -217,15 +217,17 @@ def runner(bank: SteeringBank, device: torch.device, backend: str = "auto", kind
     "program" (the full program, folded add vectors) or "rows" (the program with per-row weights).
     Returns `run` as built by `_additive_runner` / `_program_runner`; its arguments must already be
     checked (as `steer` does, or the patch layer, which builds them itself)."""
-    name = backends.resolve(backend, device)
+    return _runner(bank, device, backends.resolve(backend, device), kind, backend)
+
+
+def _runner(bank: SteeringBank, device: torch.device, name: str, kind: str, backend: str):
     key = ("run", kind, device, name)
     run = bank._cache.get(key)
     if run is None:
         if kind == "add":
             run = _additive_runner(name, *bank.tensors(device))
         else:
-            name = _program_backend(name, device, backend)
-            run = _program_runner(name, bank.program(device, folded=kind == "program"))
+            run = _program_runner(_program_backend(name, device, backend), bank.program(device, folded=kind == "program"))
         bank._cache[key] = run
     return run
 
@@ -349,6 +351,15 @@ def steer(
     bank = as_bank(plan)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if (x.dim() == 2 and (out is None or out is x) and gate is None and slot is None and mask is None
+            and weights is None and not return_monitors and bank.is_additive and len(bank) == 1):
+        # The decode call: one plan on [rows, d], nothing per row. The C++ ops check x (dtype,
+        # layout, hidden size) and out themselves, with messages that name them, so this path
+        # skips the Python checks and costs little more than the op.
+        device = x.device
+        name = backends.resolve(backend, device)
+        if name == "cpu" or name == "cuda":
+            return _runner(bank, device, name, "add", backend)(x, None, None, out, out is x)
     if x.dim() >= 1 and x.shape[-1] != bank.hidden_size:
         raise ValueError(f"x has hidden size {x.shape[-1]} but the plan was built for {bank.hidden_size}")
     if slot is None and len(bank) > 1:
