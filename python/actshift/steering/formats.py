@@ -224,8 +224,7 @@ def import_gguf(path: str | os.PathLike, *, model=None) -> tuple[dict[int, torch
     """Reads a llama.cpp / repeng control-vector GGUF: returns ({layer: tensor [d] fp32}, metadata).
 
     Checks what llama.cpp's loader checks (tensor names direction.<il> with il >= 1, 1-D, one
-    hidden size; a layer named twice is summed, as llama.cpp does) and, with `model`, the hidden
-    size and layer range. Besides fp32, fp16 and fp64 tensors are read (as fp32): repeng writes
+    hidden size) and, with `model`, the hidden size and layer range. Besides fp32, fp16 and fp64 tensors are read (as fp32): repeng writes
     its numpy arrays as they are, and arithmetic with numpy float64 scalars makes them fp64
     (llama.cpp itself only loads fp32; `export_gguf` writes fp32).
     """
@@ -246,11 +245,7 @@ def import_gguf(path: str | os.PathLike, *, model=None) -> tuple[dict[int, torch
             raise ValueError(f"path: tensor {t.name!r} is not direction.<layer> with layer >= 1")
         if t.tensor_type not in floats or len(t.shape) != 1:
             raise ValueError(f"path: tensor {t.name} must be 1-D fp32 (or fp16/fp64)")
-        v = torch.from_numpy(t.data.copy()).float()
-        layer = int(index)
-        if layer in vectors and vectors[layer].shape != v.shape:
-            raise ValueError(f"path: direction tensors have different sizes {vectors[layer].shape[0]} and {v.shape[0]}")
-        vectors[layer] = vectors[layer] + v if layer in vectors else v
+        vectors[int(index)] = torch.from_numpy(t.data.copy()).float()
     sizes = {v.shape[0] for v in vectors.values()}
     if len(sizes) > 1:
         raise ValueError(f"path: direction tensors have different sizes {sorted(sizes)}")
