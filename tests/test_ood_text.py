@@ -137,6 +137,19 @@ def test_adascale_and_odin_run_end_to_end_on_text():
         assert bool(torch.isfinite(pp.postprocess(model, x)[1]).all())
 
 
+def test_loaders_may_yield_tokenizer_outputs_with_labels():
+    model = bert()
+    plain = [{**batch(rows=(5, 6, 7)), "labels": torch.tensor([0, 1, 2])} for _ in range(2)]
+    openood = [{"data": {k: v for k, v in b.items() if k != "labels"}, "label": b["labels"]} for b in plain]
+    x = batch(rows=(6, 3, 7))
+    confs = []
+    for loader in (plain, openood):
+        pp = make_postprocessor("mds")
+        pp.setup(model, {"train": loader})
+        confs.append(pp.postprocess(model, x)[1])
+    torch.testing.assert_close(confs[0], confs[1])
+
+
 def test_text_adapter_bad_inputs():
     clf = as_classifier(bert())
     with pytest.raises(TypeError, match="x must be"):

@@ -52,11 +52,16 @@ _PERCENTILE_SWEEP = [65, 70, 75, 80, 85, 90, 95]  # OpenOOD's ash.yml / scale.ym
 
 
 def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(inputs, labels or None) of an OpenOOD dict batch or an (x, y) / (x,) tuple batch."""
+    """(inputs, labels or None) of an OpenOOD dict batch, an (x, y) / (x,) tuple batch, or a
+    tokenizer's output (a dict with input_ids or inputs_embeds; labels under "label(s)")."""
     if isinstance(batch, Mapping):
-        if "data" not in batch:
-            raise ValueError(f"a dict batch must hold the inputs under 'data', got keys {sorted(batch)}")
-        return batch["data"], batch.get("label")
+        if "data" in batch:
+            return batch["data"], batch.get("label")
+        if "input_ids" in batch or "inputs_embeds" in batch:
+            labels = batch.get("labels", batch.get("label"))
+            return {k: v for k, v in batch.items() if k not in ("label", "labels")}, labels
+        raise ValueError(f"a dict batch must hold the inputs under 'data' (or be a tokenizer's output), "
+                         f"got keys {sorted(batch)}")
     if isinstance(batch, (tuple, list)) and batch:
         return batch[0], (batch[1] if len(batch) > 1 else None)
     raise TypeError(f"a batch must be a dict with 'data' or an (x, y) tuple, got {type(batch).__name__}")
