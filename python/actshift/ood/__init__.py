@@ -9,7 +9,8 @@
 Modules: metrics (AUROC/AUPR/FPR@TPR), heads (SCALE/AdaSCALE logits without shaped features),
 adascale (the full AdaSCALE recipe), adapters (features + linear head of HF ResNet/ViT, HF text
 classifiers, OpenOOD nets, any feature function), postprocessors (OpenOOD-shaped MSP, energy,
-ReAct, ASH, SCALE, AdaSCALE), posthoc (ODIN, Mahalanobis, KNN, ViM, GEN), digits (an offline evaluation on scikit-learn's digits; `actshift ood-eval`).
+ReAct, ASH, SCALE, AdaSCALE), posthoc (ODIN, Mahalanobis, KNN, ViM, GEN), digits (an offline
+evaluation on scikit-learn's digits; `actshift ood-eval`).
 """
 
 from .adapters import (

@@ -117,7 +117,8 @@ class HFTextClassifier:
         head = getattr(model, "classifier", None)
         head = getattr(model, "score", None) if head is None else head
         head = getattr(head, "out_proj", head)  # RoBERTa/Electra-style heads end in out_proj
-        self.head = _linear(head, f"{type(model).__name__}'s final layer (classifier, classifier.out_proj or score)")
+        name = f"{type(model).__name__}'s final layer (classifier, classifier.out_proj or score)"
+        self.head = _linear(head, name)
 
     @staticmethod
     def _kwargs(x) -> dict:
@@ -127,7 +128,9 @@ class HFTextClassifier:
             return {"inputs_embeds": x}
         if isinstance(x, torch.Tensor):
             return {"input_ids": x}
-        raise TypeError(f"x must be token ids, token embeddings or a tokenizer's output dict, got {type(x).__name__}")
+        raise TypeError(
+            f"x must be token ids, token embeddings or a tokenizer's output dict, got {type(x).__name__}"
+        )
 
     def embed(self, x) -> dict:
         """The same inputs with input_ids replaced by the model's token embeddings (inputs_embeds)."""
@@ -183,7 +186,8 @@ def as_classifier(net) -> Classifier:
             return HFResNetClassifier(net)
         if isinstance(net, transformers.ViTForImageClassification):
             return HFViTClassifier(net)
-        if isinstance(net, transformers.PreTrainedModel) and type(net).__name__.endswith("ForSequenceClassification"):
+        text = type(net).__name__.endswith("ForSequenceClassification")
+        if text and isinstance(net, transformers.PreTrainedModel):
             return HFTextClassifier(net)
     if callable(getattr(net, "get_fc_layer", None)):
         return OpenOODClassifier(net)

@@ -55,7 +55,9 @@ def continuous_input(clf: Classifier, x) -> tuple[torch.Tensor, torch.Tensor | N
         inputs = clf.embed(x)
         emb = inputs["inputs_embeds"]
         mask = inputs.get("attention_mask")
-        valid = None if mask is None else mask.to(emb.device).bool()[..., None].expand_as(emb).reshape(emb.shape[0], -1)
+        valid = None
+        if mask is not None:  # [N, T] tokens -> [N, T·H] embedding elements
+            valid = mask.to(emb.device).bool()[..., None].expand_as(emb).reshape(emb.shape[0], -1)
         return emb, valid, lambda t: {**inputs, "inputs_embeds": t}
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
@@ -79,7 +81,9 @@ def perturb_input(
     elements = torch.full((x.shape[0],), per_sample) if valid is None else valid.sum(1).cpu()
     count = (elements.double() * fraction).floor().long()
     if bool((count < 1).any()):
-        raise ValueError(f"fraction {fraction} of {int(elements.min())} input elements per sample perturbs nothing")
+        raise ValueError(
+            f"fraction {fraction} of {int(elements.min())} input elements per sample perturbs nothing"
+        )
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         z = head_features(clf, rebuild(x))

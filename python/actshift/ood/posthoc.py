@@ -39,21 +39,27 @@ def id_batches(id_loader_dict: Mapping[str, Iterable], device: torch.device):
         raise TypeError(f"id_loader_dict must be a dict of loaders, got {type(id_loader_dict).__name__}")
     key = "train" if "train" in id_loader_dict else "val"
     if key not in id_loader_dict:
-        raise ValueError(f"id_loader_dict must hold a 'train' or 'val' loader, got keys {sorted(id_loader_dict)}")
+        raise ValueError(
+            f"id_loader_dict must hold a 'train' or 'val' loader, got keys {sorted(id_loader_dict)}"
+        )
     for batch in id_loader_dict[key]:
         x, y = split_batch(batch)
         yield to_device(x, device), (None if y is None else torch.as_tensor(y).long().cpu())
 
 
 @torch.no_grad()
-def id_features(clf: Classifier, id_loader_dict, *, labels: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def id_features(
+    clf: Classifier, id_loader_dict, *, labels: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """fp64 CPU features [N, D] of the ID fitting loader and, with labels=True, their labels [N]
     (ValueError for unlabelled batches)."""
     feats, ys = [], []
     for x, y in id_batches(id_loader_dict, head_device(clf)):
         feats.append(head_features(clf, x).double().cpu())
         if labels and y is None:
-            raise ValueError("id_loader_dict: this method needs labelled ID batches ({'data', 'label'} or (x, y))")
+            raise ValueError(
+                "id_loader_dict: this method needs labelled ID batches ({'data', 'label'} or (x, y))"
+            )
         ys.append(y)
     if not feats:
         raise ValueError("id_loader_dict: the ID loader yielded no batches")
@@ -89,7 +95,9 @@ class ODINPostprocessor(Postprocessor):
     hyperparameters = ("temperature", "noise")
     sweep: ClassVar[dict[str, list]] = {"temperature": [1, 10, 100, 1000], "noise": [0.0014, 0.0028]}
 
-    def __init__(self, temperature: float = 1000.0, noise: float = 0.0014, input_std: Sequence[float] | None = None):
+    def __init__(
+        self, temperature: float = 1000.0, noise: float = 0.0014, input_std: Sequence[float] | None = None
+    ):
         if input_std is not None:
             std = torch.as_tensor(input_std, dtype=torch.float32)
             if std.dim() != 1 or std.numel() == 0 or not bool((std > 0).all()):
@@ -113,7 +121,9 @@ class ODINPostprocessor(Postprocessor):
         step = torch.where(grad >= 0, 1.0, -1.0).to(x.dtype)
         if self.input_std is not None:
             if x.dim() < 2 or x.shape[1] != self.input_std.numel():
-                raise ValueError(f"input_std has {self.input_std.numel()} channels, the inputs {tuple(x.shape)}")
+                raise ValueError(
+                    f"input_std has {self.input_std.numel()} channels, the inputs {tuple(x.shape)}"
+                )
             step = step / self.input_std.to(x.device).view(1, -1, *([1] * (x.dim() - 2)))
         if valid is not None:  # padding is not input
             step = step * valid.view_as(step)
@@ -143,9 +153,12 @@ class MahalanobisPostprocessor(_FeaturePostprocessor):
         z, y = id_features(clf, id_loader_dict, labels=True)
         classes = clf.head.out_features
         if int(y.min()) < 0 or int(y.max()) >= classes:
-            raise ValueError(f"id_loader_dict: labels must be in [0, {classes}), got [{int(y.min())}, {int(y.max())}]")
+            raise ValueError(
+                f"id_loader_dict: labels must be in [0, {classes}), got [{int(y.min())}, {int(y.max())}]"
+            )
         counts = torch.bincount(y, minlength=classes)
-        means = torch.zeros(classes, z.shape[1], dtype=z.dtype).index_add_(0, y, z) / counts.clamp_min(1)[:, None]
+        sums = torch.zeros(classes, z.shape[1], dtype=z.dtype).index_add_(0, y, z)
+        means = sums / counts.clamp_min(1)[:, None]
         centered = z - means[y]
         covariance = centered.t() @ centered / z.shape[0]
         self.class_means = means[counts > 0]  # a class without ID samples has no Gaussian to score
@@ -188,7 +201,8 @@ class KNNPostprocessor(_FeaturePostprocessor):
         if self.K > self.bank.shape[0]:
             raise ValueError(f"K = {self.K} exceeds the {self.bank.shape[0]} ID features of setup")
         q = _normalized(z.float()).to(self.bank.device)
-        squared = (q.square().sum(1, keepdim=True) + self.bank.square().sum(1) - 2 * q @ self.bank.t()).clamp_min(0)
+        bank = self.bank
+        squared = (q.square().sum(1, keepdim=True) + bank.square().sum(1) - 2 * q @ bank.t()).clamp_min(0)
         return -squared.topk(self.K, dim=1, largest=False).values[:, -1].to(z.device)
 
 
@@ -226,7 +240,8 @@ class ViMPostprocessor(_FeaturePostprocessor):
         z, _ = id_features(clf, id_loader_dict)
         # The head as of setup (OpenOOD reads it once too), fp64 on CPU like the other statistics.
         w = clf.head.weight.detach().double().cpu()
-        b = torch.zeros(w.shape[0], dtype=w.dtype) if clf.head.bias is None else clf.head.bias.detach().double().cpu()
+        bias = clf.head.bias
+        b = torch.zeros(w.shape[0], dtype=w.dtype) if bias is None else bias.detach().double().cpu()
         self.weight, self.bias = w, b
         self.origin = -(torch.linalg.pinv(w) @ b)
         centered = z - self.origin
@@ -250,7 +265,10 @@ class GENPostprocessor(Postprocessor):
     of p^γ (1 − p)^γ (M is capped at the number of classes)."""
 
     hyperparameters = ("gamma", "M")
-    sweep: ClassVar[dict[str, list]] = {"gamma": [0.01, 0.1, 0.5, 1, 2, 5, 10], "M": [10, 50, 100, 200, 500, 1000]}
+    sweep: ClassVar[dict[str, list]] = {
+        "gamma": [0.01, 0.1, 0.5, 1, 2, 5, 10],
+        "M": [10, 50, 100, 200, 500, 1000],
+    }
 
     def __init__(self, gamma: float = 0.1, M: int = 100):
         super().__init__(gamma=gamma, M=M)

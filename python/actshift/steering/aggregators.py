@@ -15,6 +15,7 @@ import torch
 from .recipes import _paired, mean_difference, pca_direction
 
 AGGREGATORS = ("mean", "pca", "logistic")
+Aggregator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (positive, negative) -> [d]
 
 
 def logistic_direction(positive: torch.Tensor, negative: torch.Tensor, *, C: float = 1.0,
@@ -67,7 +68,7 @@ def logistic_direction(positive: torch.Tensor, negative: torch.Tensor, *, C: flo
 
 
 def aggregate(positive: torch.Tensor, negative: torch.Tensor,
-              aggregator: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = "mean") -> torch.Tensor:
+              aggregator: str | Aggregator = "mean") -> torch.Tensor:
     """One steering vector [d] (fp32) from paired activations [n, d] (row i of each = pair i)."""
     if aggregator == "mean":
         return mean_difference(positive, negative)
@@ -76,7 +77,8 @@ def aggregate(positive: torch.Tensor, negative: torch.Tensor,
     if aggregator == "logistic":
         return logistic_direction(positive, negative)
     if not callable(aggregator):
-        raise ValueError(f"aggregator must be one of {', '.join(AGGREGATORS)} or a callable; got {aggregator!r}")
+        raise ValueError(
+            f"aggregator must be one of {', '.join(AGGREGATORS)} or a callable; got {aggregator!r}")
     v = aggregator(positive, negative)
     if not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.shape != (positive.shape[1],):
         raise ValueError(f"aggregator must return a floating-point tensor [{positive.shape[1]}]")

@@ -54,9 +54,11 @@ def make_pairs(template: str, positive_personas: Sequence[str], negative_persona
     suffixes = _strings(suffixes, "suffixes")
     if tokenizer is not None:
         if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError("tokenizer has no chat_template; set one, or pass user_tag/assistant_tag without a tokenizer")
+            raise ValueError(
+                "tokenizer has no chat_template; set one, or pass user_tag/assistant_tag without a tokenizer")
         if user_tag or assistant_tag:
-            raise ValueError("user_tag/assistant_tag are for prompts without a chat template; the tokenizer formats turns")
+            raise ValueError(
+                "user_tag/assistant_tag are for prompts without a chat template; the tokenizer formats turns")
     elif system is not None:
         raise ValueError("system needs a tokenizer with a chat template")
 
@@ -66,7 +68,8 @@ def make_pairs(template: str, positive_personas: Sequence[str], negative_persona
             return _chat_prompt(tokenizer, user, system) + suffix
         return " ".join(part for part in (user_tag, user, assistant_tag, suffix) if part)
 
-    return [(prompt(p, suffix), prompt(n, suffix)) for suffix in suffixes for p, n in zip(positives, negatives)]
+    return [(prompt(p, suffix), prompt(n, suffix))
+            for suffix in suffixes for p, n in zip(positives, negatives)]
 
 
 def truncated_suffixes(texts: Sequence[str], tokenizer, *, max_tokens: int | None = None) -> list[str]:
@@ -74,7 +77,8 @@ def truncated_suffixes(texts: Sequence[str], tokenizer, *, max_tokens: int | Non
     making many suffixes from a few sentences ("I feel so" -> "I", "I feel"). `max_tokens` caps
     each prefix's length."""
     texts = _strings(texts, "texts")
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+    bad = isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+    if max_tokens is not None and bad:
         raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
     out = []
     for text in texts:

@@ -224,13 +224,15 @@ def import_gguf(path: str | os.PathLike, *, model=None) -> tuple[dict[int, torch
     """Reads a llama.cpp / repeng control-vector GGUF: returns ({layer: tensor [d] fp32}, metadata).
 
     Checks what llama.cpp's loader checks (tensor names direction.<il> with il >= 1, 1-D, one
-    hidden size) and, with `model`, the hidden size and layer range. Besides fp32, fp16 and fp64 tensors are read (as fp32): repeng writes
-    its numpy arrays as they are, and arithmetic with numpy float64 scalars makes them fp64
-    (llama.cpp itself only loads fp32; `export_gguf` writes fp32).
+    hidden size) and, with `model`, the hidden size and layer range. Besides fp32, fp16 and fp64
+    tensors are read (as fp32): repeng writes its numpy arrays as they are, and arithmetic with
+    numpy float64 scalars makes them fp64 (llama.cpp itself only loads fp32; `export_gguf` writes
+    fp32).
     """
     import gguf
 
-    floats = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F64)
+    kinds = gguf.GGMLQuantizationType
+    floats = (kinds.F32, kinds.F16, kinds.F64)
     reader = gguf.GGUFReader(os.fspath(path))
     meta = {}
     for key, field in reader.fields.items():

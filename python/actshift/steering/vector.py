@@ -111,8 +111,8 @@ class SteeringVector(Mapping):
     def __eq__(self, other) -> bool:
         if not isinstance(other, SteeringVector):
             return NotImplemented
-        return (self.site == other.site and self.model_type == other.model_type and self.layers == other.layers
-                and all(torch.equal(self[layer], other[layer]) for layer in self.layers))
+        same = (self.site, self.model_type, self.layers) == (other.site, other.model_type, other.layers)
+        return (same and all(torch.equal(self[layer], other[layer]) for layer in self.layers))
 
     # --- arithmetic --------------------------------------------------------------------------------
 
@@ -125,9 +125,11 @@ class SteeringVector(Mapping):
         if other.site != self.site:
             raise ValueError(f"cannot combine vectors for different sites ({self.site!r} and {other.site!r})")
         if other.hidden_size != self.hidden_size:
-            raise ValueError(f"cannot combine vectors of hidden sizes {self.hidden_size} and {other.hidden_size}")
+            raise ValueError(
+                f"cannot combine vectors of hidden sizes {self.hidden_size} and {other.hidden_size}")
         if self.model_type and other.model_type and self.model_type != other.model_type:
-            raise ValueError(f"cannot combine vectors of different models ({self.model_type!r} and {other.model_type!r})")
+            raise ValueError(
+                f"cannot combine vectors of different models ({self.model_type!r} and {other.model_type!r})")
         data = dict(self._data)
         for layer, v in other.items():
             data[layer] = data[layer] + sign * v if layer in data else sign * v
@@ -185,7 +187,8 @@ class SteeringVector(Mapping):
             raise ValueError(f"model has hidden size {hidden_size(model)}, the vector {self.hidden_size}")
         n = len(decoder_layers(model))
         if self.layers[-1] >= n:
-            raise ValueError(f"model has {n} layers; the vector holds layer(s) {[i for i in self.layers if i >= n]}")
+            beyond = [i for i in self.layers if i >= n]
+            raise ValueError(f"model has {n} layers; the vector holds layer(s) {beyond}")
         return patch(model, steering=self.sites(multiplier, positions=positions), backend=backend)
 
     # --- making and storing ------------------------------------------------------------------------
@@ -218,5 +221,6 @@ class SteeringVector(Mapping):
         from .formats import export_gguf
 
         if self.site != "block_output":
-            raise ValueError(f"llama.cpp control vectors act on block outputs; this vector's site is {self.site!r}")
+            raise ValueError(
+                f"llama.cpp control vectors act on block outputs; this vector's site is {self.site!r}")
         export_gguf(path, self._data, model=model, model_hint=model_hint or self.model_type)
