@@ -7,15 +7,17 @@
     ood.ood_metrics(id_conf, ood_conf)               # AUROC, AUPR_IN, AUPR_OUT, FPR@95 (both conventions)
 
 Modules: metrics (AUROC/AUPR/FPR@TPR), heads (SCALE/AdaSCALE logits without shaped features),
-adascale (the full AdaSCALE recipe), adapters (features + linear head of HF ResNet/ViT, OpenOOD
-nets, any feature function), postprocessors (OpenOOD-shaped MSP, energy, ReAct, ASH, SCALE,
-AdaSCALE), digits (an offline evaluation on scikit-learn's digits; `actshift ood-eval`).
+adascale (the full AdaSCALE recipe), adapters (features + linear head of HF ResNet/ViT, HF text
+classifiers, OpenOOD nets, any feature function), postprocessors (OpenOOD-shaped MSP, energy,
+ReAct, ASH, SCALE, AdaSCALE), posthoc (ODIN, Mahalanobis, KNN, ViM, GEN), digits (an offline
+evaluation on scikit-learn's digits; `actshift ood-eval`).
 """
 
 from .adapters import (
     Classifier,
     FeatureClassifier,
     HFResNetClassifier,
+    HFTextClassifier,
     HFViTClassifier,
     OpenOODClassifier,
     as_classifier,
@@ -34,12 +36,20 @@ from .postprocessors import (
     ScalePostprocessor,
     make_postprocessor,
 )
+from .posthoc import (
+    GENPostprocessor,
+    KNNPostprocessor,
+    MahalanobisPostprocessor,
+    ODINPostprocessor,
+    ViMPostprocessor,
+)
 
 __all__ = [
     "Classifier",
     "FeatureClassifier",
     "HFResNetClassifier",
     "HFViTClassifier",
+    "HFTextClassifier",
     "OpenOODClassifier",
     "as_classifier",
     "AdaScale",
@@ -62,4 +72,9 @@ __all__ = [
     "ScalePostprocessor",
     "AdaScalePostprocessor",
     "make_postprocessor",
+    "ODINPostprocessor",
+    "MahalanobisPostprocessor",
+    "KNNPostprocessor",
+    "ViMPostprocessor",
+    "GENPostprocessor",
 ]

@@ -27,7 +27,7 @@ model in eval mode first (batch norm in train mode would mix samples and change 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -47,36 +47,58 @@ def _percentile_range(p_min, p_max) -> tuple[float, float]:
     return p_min, p_max
 
 
-def perturb_input(
-    clf: Classifier, x: torch.Tensor, fraction: float = 0.05, epsilon: float = 0.5
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z, x̃): the features of x (detached) and x with its int(M·fraction) least-attributed
-    elements per sample (M = elements per sample, ranked by |∂ max logit / ∂x|) moved by
-    epsilon·sign(grad). Works under torch.no_grad (it enables grad locally)."""
-    fraction = check_number(fraction, "fraction", 0.0, 1.0)
-    epsilon = check_number(epsilon, "epsilon", 0.0, math.inf, include_high=False)
+def continuous_input(clf: Classifier, x) -> tuple[torch.Tensor, torch.Tensor | None, Callable]:
+    """(the float input to perturb, its real-element mask [N, M] or None, a function that turns a
+    tensor like it back into model inputs). Text classifiers (with `embed`) give their token
+    embeddings, whose padded positions are masked out."""
+    if not (isinstance(x, torch.Tensor) and x.is_floating_point()) and callable(getattr(clf, "embed", None)):
+        inputs = clf.embed(x)
+        emb = inputs["inputs_embeds"]
+        mask = inputs.get("attention_mask")
+        valid = None
+        if mask is not None:  # [N, T] tokens -> [N, T·H] embedding elements
+            valid = mask.to(emb.device).bool()[..., None].expand_as(emb).reshape(emb.shape[0], -1)
+        return emb, valid, lambda t: {**inputs, "inputs_embeds": t}
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
         raise TypeError(f"x must be a floating-point tensor of model inputs, got {got}")
     if x.dim() < 2:
         raise ValueError(f"x must be a batch [N, ...] of model inputs, got shape {tuple(x.shape)}")
+    return x, None, lambda t: t
+
+
+def perturb_input(
+    clf: Classifier, x, fraction: float = 0.05, epsilon: float = 0.5
+) -> tuple[torch.Tensor, object]:
+    """(z, x̃): the features of x (detached) and x with its int(M·fraction) least-attributed
+    elements per sample (M = elements per sample, ranked by |∂ max logit / ∂x|) moved by
+    epsilon·sign(grad). Works under torch.no_grad (it enables grad locally). For a text classifier
+    x̃ is its inputs with perturbed token embeddings, and M counts real (unpadded) tokens only."""
+    fraction = check_number(fraction, "fraction", 0.0, 1.0)
+    epsilon = check_number(epsilon, "epsilon", 0.0, math.inf, include_high=False)
+    x, valid, rebuild = continuous_input(clf, x)
     per_sample = math.prod(x.shape[1:])
-    count = int(per_sample * fraction)
-    if count < 1:
-        raise ValueError(f"fraction {fraction} of {per_sample} input elements per sample perturbs nothing")
+    elements = torch.full((x.shape[0],), per_sample) if valid is None else valid.sum(1).cpu()
+    count = (elements.double() * fraction).floor().long()
+    if bool((count < 1).any()):
+        raise ValueError(
+            f"fraction {fraction} of {int(elements.min())} input elements per sample perturbs nothing"
+        )
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        z = head_features(clf, x)
+        z = head_features(clf, rebuild(x))
         # The gradient of each sample's own max logit: samples are independent (eval mode), so one
         # backward of the sum gives every per-sample gradient.
         top_logit = clf.head(z).max(dim=1).values.sum()
         (grad,) = torch.autograd.grad(top_logit, x)
     flat = grad.reshape(x.shape[0], per_sample)
+    magnitude = flat.abs() if valid is None else flat.abs().masked_fill(~valid, math.inf)
     # A stable sort ranks equal |grad| by index, so ties are broken deterministically.
-    smallest = torch.sort(flat.abs(), dim=1, stable=True).indices[:, :count]
-    mask = torch.zeros_like(flat).scatter_(1, smallest, 1.0)
+    order = torch.sort(magnitude, dim=1, stable=True).indices
+    chosen = torch.arange(per_sample, device=flat.device) < count.to(flat.device)[:, None]
+    mask = torch.zeros_like(flat).scatter_(1, order, chosen.to(flat.dtype))
     x_tilde = x.detach() + (epsilon * torch.sign(flat) * mask).view_as(x)
-    return z.detach(), x_tilde
+    return z.detach(), rebuild(x_tilde)
 
 
 def shift_statistic(

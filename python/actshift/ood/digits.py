@@ -98,12 +98,17 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -
     return FeatureClassifier(features, head)
 
 
+# ViM's principal dimension must be below D = 256 here (OpenOOD's default, 256, is for D = 512).
+OPTIONS = {"vim": {"dim": 128}}
+
+
 def evaluate(clf: FeatureClassifier, sets: dict[str, Labelled], methods: Sequence[str]) -> dict[str, dict]:
     """{method: {"acc": ID test accuracy, "near"/"noise"/"shuffled"/"far": ood_metrics dict}}."""
     results = {}
     for method in methods:
-        pp = make_postprocessor(method)
-        pp.setup(clf, {"val": batches(*sets["id_val"])}, {})
+        pp = make_postprocessor(method, **OPTIONS.get(method, {}))
+        # As in OpenOOD: MDS, KNN and ViM fit on the training set, the others on validation data.
+        pp.setup(clf, {"train": batches(*sets["id_train"]), "val": batches(*sets["id_val"])}, {})
         pred, id_conf, label = pp.inference(clf, batches(*sets["id_test"]))
         row = {"acc": float((pred == label).mean())}
         for name in ("near",) + FAR_SETS:

@@ -1,4 +1,5 @@
-"""OpenOOD-shaped postprocessors: MSP, energy, ReAct, ASH-P/B/S, SCALE and AdaSCALE-A/L.
+"""OpenOOD-shaped postprocessors: MSP, energy, ReAct, ASH-P/B/S, SCALE and AdaSCALE-A/L (ODIN,
+Mahalanobis, KNN, ViM and GEN are in posthoc.py).
 
 Each follows OpenOOD v1.5's `BasePostprocessor` contract (and subclasses it when openood is
 importable, so `openood.evaluation_api.Evaluator(postprocessor=...)` accepts it):
@@ -38,7 +39,7 @@ import torch
 
 from ..ops import energy, percentile_scale
 from ._checks import check_number
-from .adapters import Classifier, as_classifier, head_device, head_features
+from .adapters import Classifier, as_classifier, head_device, head_features, to_device
 from .adascale import AdaScale
 from .heads import scaled_logits
 
@@ -51,11 +52,16 @@ _PERCENTILE_SWEEP = [65, 70, 75, 80, 85, 90, 95]  # OpenOOD's ash.yml / scale.ym
 
 
 def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(inputs, labels or None) of an OpenOOD dict batch or an (x, y) / (x,) tuple batch."""
+    """(inputs, labels or None) of an OpenOOD dict batch, an (x, y) / (x,) tuple batch, or a
+    tokenizer's output (a dict with input_ids or inputs_embeds; labels under "label(s)")."""
     if isinstance(batch, Mapping):
-        if "data" not in batch:
-            raise ValueError(f"a dict batch must hold the inputs under 'data', got keys {sorted(batch)}")
-        return batch["data"], batch.get("label")
+        if "data" in batch:
+            return batch["data"], batch.get("label")
+        if "input_ids" in batch or "inputs_embeds" in batch:
+            labels = batch.get("labels", batch.get("label"))
+            return {k: v for k, v in batch.items() if k not in ("label", "labels")}, labels
+        raise ValueError(f"a dict batch must hold the inputs under 'data' (or be a tokenizer's output), "
+                         f"got keys {sorted(batch)}")
     if isinstance(batch, (tuple, list)) and batch:
         return batch[0], (batch[1] if len(batch) > 1 else None)
     raise TypeError(f"a batch must be a dict with 'data' or an (x, y) tuple, got {type(batch).__name__}")
@@ -70,7 +76,7 @@ def id_inputs(id_loader_dict: Mapping[str, Iterable], device: torch.device) -> I
         raise ValueError(
             f"id_loader_dict must hold a 'val' or 'train' loader, got keys {sorted(id_loader_dict)}"
         )
-    return (split_batch(batch)[0].to(device) for batch in id_loader_dict[key])
+    return (to_device(split_batch(batch)[0], device) for batch in id_loader_dict[key])
 
 
 class Postprocessor(BasePostprocessor):
@@ -109,7 +115,7 @@ class Postprocessor(BasePostprocessor):
     def postprocess(self, net, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(pred, conf) for a batch of inputs: argmax and score of the (shaped) logits."""
         clf = as_classifier(net)
-        logits = self.logits(clf, data.to(head_device(clf)))
+        logits = self.logits(clf, to_device(data, head_device(clf)))
         return logits.argmax(dim=1), self.score(logits)
 
     def inference(
@@ -287,11 +293,14 @@ class AdaScalePostprocessor(Postprocessor):
         return self.adascale.logits(clf, x)
 
 
-METHODS = ("msp", "energy", "react", "ash_p", "ash_b", "ash_s", "scale", "adascale_a", "adascale_l")
+METHODS = ("msp", "energy", "react", "ash_p", "ash_b", "ash_s", "scale", "adascale_a", "adascale_l",
+           "odin", "mds", "knn", "vim", "gen")
 
 
 def make_postprocessor(method: str, **hyperparameters: Any) -> Postprocessor:
     """A postprocessor by method name (one of METHODS), with its defaults unless overridden."""
+    from . import posthoc  # it builds on this module
+
     if method in ("ash_p", "ash_b", "ash_s"):
         return ASHPostprocessor(method[-1], **hyperparameters)
     if method in ("adascale_a", "adascale_l"):
@@ -301,6 +310,11 @@ def make_postprocessor(method: str, **hyperparameters: Any) -> Postprocessor:
         "energy": EnergyPostprocessor,
         "react": ReActPostprocessor,
         "scale": ScalePostprocessor,
+        "odin": posthoc.ODINPostprocessor,
+        "mds": posthoc.MahalanobisPostprocessor,
+        "knn": posthoc.KNNPostprocessor,
+        "vim": posthoc.ViMPostprocessor,
+        "gen": posthoc.GENPostprocessor,
     }
     if method not in classes:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")

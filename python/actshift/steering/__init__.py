@@ -1,4 +1,6 @@
 """Activation steering: plans, banks, activation extraction, recipes and file formats."""
+from .aggregators import AGGREGATORS, aggregate, logistic_direction
+from .datasets import make_pairs, truncated_suffixes
 from .extract import extract_activations
 from .formats import export_gguf, import_gguf, load, save
 from .plan import SteeringBank, SteeringPlan
@@ -23,6 +25,7 @@ from .recipes import (
     plans_from_vectors,
     select_neurons,
 )
+from .vector import SteeringVector
 
 __all__ = [
     "SteeringPlan", "SteeringBank", "extract_activations", "save", "load", "export_gguf", "import_gguf",
@@ -30,4 +33,5 @@ __all__ = [
     "actadd_vectors", "actadd_sites", "ablation_sites", "ablate_direction", "fit_affine", "affine_plan",
     "neuron_scores", "select_neurons", "neuron_plan", "cast_similarity", "ConditionalSteering",
     "monitor_sites", "PersonaMonitor", "compose",
+    "SteeringVector", "aggregate", "AGGREGATORS", "logistic_direction", "make_pairs", "truncated_suffixes",
 ]

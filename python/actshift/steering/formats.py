@@ -223,11 +223,16 @@ def export_gguf(path: str | os.PathLike, vectors: Mapping[int, torch.Tensor], *,
 def import_gguf(path: str | os.PathLike, *, model=None) -> tuple[dict[int, torch.Tensor], dict]:
     """Reads a llama.cpp / repeng control-vector GGUF: returns ({layer: tensor [d] fp32}, metadata).
 
-    Checks what llama.cpp's loader checks (tensor names direction.<il> with il >= 1, fp32, 1-D, one
-    hidden size) and, with `model`, the hidden size and layer range.
+    Checks what llama.cpp's loader checks (tensor names direction.<il> with il >= 1, 1-D, one
+    hidden size) and, with `model`, the hidden size and layer range. Besides fp32, fp16 and fp64
+    tensors are read (as fp32): repeng writes its numpy arrays as they are, and arithmetic with
+    numpy float64 scalars makes them fp64 (llama.cpp itself only loads fp32; `export_gguf` writes
+    fp32).
     """
     import gguf
 
+    kinds = gguf.GGMLQuantizationType
+    floats = (kinds.F32, kinds.F16, kinds.F64)
     reader = gguf.GGUFReader(os.fspath(path))
     meta = {}
     for key, field in reader.fields.items():
@@ -240,8 +245,8 @@ def import_gguf(path: str | os.PathLike, *, model=None) -> tuple[dict[int, torch
         prefix, _, index = t.name.partition(".")
         if prefix != "direction" or not index.isdigit() or int(index) == 0:
             raise ValueError(f"path: tensor {t.name!r} is not direction.<layer> with layer >= 1")
-        if t.tensor_type != gguf.GGMLQuantizationType.F32 or len(t.shape) != 1:
-            raise ValueError(f"path: tensor {t.name} must be 1-D fp32")
+        if t.tensor_type not in floats or len(t.shape) != 1:
+            raise ValueError(f"path: tensor {t.name} must be 1-D fp32 (or fp16/fp64)")
         vectors[int(index)] = torch.from_numpy(t.data.copy()).float()
     sizes = {v.shape[0] for v in vectors.values()}
     if len(sizes) > 1:
