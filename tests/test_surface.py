@@ -258,6 +258,10 @@ def test_relufy_not_inplace_returns_a_copy():
     assert not torch.allclose(logits(copy, ids), before, atol=1e-3)
     with pytest.raises(TypeError, match="inplace"):
         sparse.relufy(model, "relu", inplace="no")
+    sparse.patch_sparsity(model, sparse.Thresholds.constant(model, 0.0))
+    with pytest.raises(ValueError, match="unpatch"):
+        sparse.relufy(model, "relu", inplace=False)
+    sparse.unpatch(model)
 
 
 # --- 7. patch(prefill=) and counters -----------------------------------------------------------------

@@ -69,6 +69,11 @@ def relufy(model: nn.Module, act: str = "fatrelu", threshold=0.0, handle=None, *
         raise ValueError(f"act must be 'relu' or 'fatrelu', got {act!r}")
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    if not inplace and handle is not None:
+        raise ValueError("handle belongs to the original model; relufy(..., inplace=False) returns an unpatched copy")
+    # A patched model's copy would carry undos that act on the original's modules.
+    if not inplace and (model.__dict__.get("_actshift_sparse_undo") or model.__dict__.get("_actshift_patch")):
+        raise ValueError("model is patched; unpatch it before relufy(..., inplace=False) copies it")
     mods = act_modules(model)
     if isinstance(threshold, (list, tuple)):
         if len(threshold) != len(mods):
