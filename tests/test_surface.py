@@ -91,6 +91,8 @@ def test_set_weights_accepts_a_number_for_every_row():
         got = logits(model, ids)
         with pytest.raises(TypeError, match="number"):
             handle.set_weights(True)
+        with pytest.raises(ValueError, match="finite"):
+            handle.set_weights(math.nan)
     torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[1], logits(model, ids)[1], rtol=1e-5, atol=1e-5)
 

@@ -168,6 +168,8 @@ class PatchHandle:
                 self._weights.pop(name, None)
                 continue
             if isinstance(w, (int, float)) and not isinstance(w, bool):
+                if w != w or w in (float("inf"), float("-inf")):
+                    raise ValueError(f"weights must be finite, got {w}")
                 w = torch.tensor([float(w)])  # one row, broadcast over the batch
             elif isinstance(w, torch.Tensor) and w.dim() == 0:
                 w = w.reshape(1)
