@@ -298,7 +298,11 @@ def test_bad_input():
         sparse.relufy(model, "relu")
     with pytest.raises(ValueError, match="already swapped"):
         sparse.patch_ffn(model)
-    sparse.unpatch(model)
+    assert sparse.unpatch(model) == 2  # relufy, then the sparsity swap: relufy is undoable too
+    assert not isinstance(model.model.layers[0].mlp.act_fn, torch.nn.ReLU)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sparse.relufy(model, "relu")
     sparse.patch_ffn(model)
     with pytest.raises(ValueError, match="patched"):
         sparse.sparsity_report(model, batches(1))

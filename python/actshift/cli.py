@@ -28,11 +28,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="actshift", description="Fused activation-intervention kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, build record and available backends")
-    bench = sub.add_parser("bench", help="run the benchmark suite and print the table")
-    bench.add_argument("--op", action="append", help="only this op (repeatable); default: all")
+    from .benchmarks.run import OPS
+
+    bench = sub.add_parser("bench", help="run the benchmark suite and print the table",
+                           description="Times each op against eager PyTorch, torch.compile and peers; prints a "
+                                       "table and writes <out>/<device>.csv and a PNG plot.")
+    bench.add_argument("--op", action="append", metavar="NAME",
+                       help=f"only this op (repeatable; default: all): {', '.join(OPS)}")
     bench.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     bench.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
-    bench.add_argument("--out", default="benchmarks/results", help="folder for the CSV and the plot")
+    bench.add_argument("--out", default="benchmarks/results",
+                       help="folder for the CSV and the plot (default: %(default)s, relative to the current directory)")
     ood_eval = sub.add_parser("ood-eval", help="offline OOD evaluation on scikit-learn's digits")
     ood_eval.add_argument("--seed", type=int, default=0, help="data split, noise and training seed")
     ood_eval.add_argument("--epochs", type=_positive_int, default=60, help="classifier training epochs")

@@ -41,7 +41,7 @@ def format_info(d: dict[str, Any]) -> str:
     for key, value in d.items():
         if isinstance(value, dict):
             lines.append(f"{key}:")
-            lines += [f"  {k}: {v}" for k, v in value.items()]
+            lines += [f"  {k}: {v}" for k, v in value.items() if v != ""]  # no empty "reason:" lines
         else:
             lines.append(f"{key}: {value}")
     return "\n".join(lines)

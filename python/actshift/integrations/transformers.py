@@ -97,9 +97,10 @@ class PatchHandle:
     same, so a CUDA graph captured once sees every later update.
     """
 
-    def __init__(self, model: torch.nn.Module, backend: str):
+    def __init__(self, model: torch.nn.Module, backend: str, prefill: str = "dense"):
         self.model = model
         self.backend = backend
+        self.prefill = prefill  # for the sparsity= swaps
         self.sites: list[SteeringSite] = []
         self.monitors: dict[tuple[int, str], object] = {}
         self.step: Step | None = None
@@ -149,10 +150,11 @@ class PatchHandle:
         self._slots = _store(self._slots, slots)
         self._row_cache.clear()
 
-    def set_weights(self, weights: torch.Tensor | Mapping[str, torch.Tensor] | None) -> None:
-        """Per-row multipliers of the steering, a float tensor [batch]: one for every site, or a
-        mapping {SteeringSite.name: tensor} for named sites. None clears all. Call it from an
-        `on_step` callback to change the weights at every generated token."""
+    def set_weights(self, weights: float | torch.Tensor | Mapping[str, float | torch.Tensor] | None) -> None:
+        """Multipliers of the steering: a number (every row, like repeng's coefficient), or a float
+        tensor [batch] (one per row) or [1]; for every site, or a mapping {SteeringSite.name: w} for
+        named sites. None clears all. Call it from an `on_step` callback to change the weights at
+        every generated token."""
         items = weights.items() if isinstance(weights, Mapping) else [(None, weights)]
         names = {s.name for s in self.sites}
         for name, w in items:
@@ -161,10 +163,16 @@ class PatchHandle:
             if w is None:
                 self._weights.pop(name, None)
                 continue
+            if isinstance(w, (int, float)) and not isinstance(w, bool):
+                if w != w or w in (float("inf"), float("-inf")):
+                    raise ValueError(f"weights must be finite, got {w}")
+                w = torch.tensor([float(w)])  # one row, broadcast over the batch
+            elif isinstance(w, torch.Tensor) and w.dim() == 0:
+                w = w.reshape(1)
             if not isinstance(w, torch.Tensor) or not w.is_floating_point():
-                raise TypeError("weights must be a floating-point tensor [batch]")
+                raise TypeError("weights must be a number or a floating-point tensor [batch]")
             if w.dim() != 1:
-                raise ValueError(f"weights must be [batch], got shape {tuple(w.shape)}")
+                raise ValueError(f"weights must be a number or [batch], got shape {tuple(w.shape)}")
             self._weights[name] = _store(self._weights.get(name), w.float())
         if weights is None:
             self._weights.clear()
@@ -249,11 +257,13 @@ class PatchHandle:
         if w is None:
             w = self._weights.get(None)
         if w is not None:
-            if w.shape[0] != batch:
+            if w.shape[0] not in (1, batch):  # [1]: a number for every row
                 raise ValueError(f"weights hold {w.shape[0]} rows but the batch has {batch}")
             w = w.to(device)
-            if mask is None:  # one token per row (decode): the buffer itself, no copy
-                return w if seq == 1 else w.repeat_interleave(seq)
+            if w.shape[0] != batch:  # [1]: a number for every row
+                w = w.expand(batch)
+            if mask is None:  # decode (one token per row): the buffer itself where it can be
+                return w.contiguous() if seq == 1 else w.repeat_interleave(seq)
             return (w[:, None] * mask).reshape(-1)
         return None if mask is None else mask.reshape(-1).float()
 
@@ -518,7 +528,7 @@ def patch_sparsity(model: torch.nn.Module, spec, handle: PatchHandle) -> None:
     """`sparsity=`: calibrated actshift.sparse.Thresholds -> SparseLinear / CatsMLP swaps."""
     from ..sparse import patch_sparsity as swap
 
-    swap(model, spec, handle)
+    swap(model, spec, handle, prefill=handle.prefill)
 
 
 def patch_ffn(model: torch.nn.Module, spec, handle: PatchHandle) -> None:
@@ -536,7 +546,8 @@ FEATURES: dict[str, Callable[[torch.nn.Module, object, PatchHandle], None]] = {
 }
 
 
-def patch(model: torch.nn.Module, *, steering=None, sparsity=None, ffn=None, backend: str = "auto") -> PatchHandle:
+def patch(model: torch.nn.Module, *, steering=None, sparsity=None, ffn=None, prefill: str = "dense",
+          backend: str = "auto") -> PatchHandle:
     """Patches this model instance in place and returns the handle (also a context manager).
 
     Args:
@@ -545,7 +556,9 @@ def patch(model: torch.nn.Module, *, steering=None, sparsity=None, ffn=None, bac
         steering: a SteeringPlan or SteeringBank (every layer's block output), a {layer: plan}
             mapping, a SteeringSite, or a list of SteeringSites.
         sparsity: actshift.sparse.Thresholds from `actshift.sparse.calibrate` (TEAL sites: sparse
-            linears; "cats": sparse MLPs); decode steps run the sparse kernels, prefill stays dense.
+            linears; "cats": sparse MLPs); decode steps run the sparse kernels.
+        prefill: with `sparsity`, "dense" (default) runs prefill on the original modules exactly;
+            "sparse" thresholds prefill too, as TEAL's quality evaluation does.
         ffn: "relu_sparse" swaps every ReLU-family FFN for the exact skipping kernel (relu_ffn).
         backend: the steer backend ("auto", "cpu", "triton", "cuda", "reference").
 
@@ -555,8 +568,12 @@ def patch(model: torch.nn.Module, *, steering=None, sparsity=None, ffn=None, bac
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if get_handle(model) is not None:
         raise ValueError("model is already patched; call actshift.unpatch(model) first")
+    if prefill not in ("dense", "sparse"):
+        raise ValueError(f"prefill must be 'dense' or 'sparse', got {prefill!r}")
+    if prefill != "dense" and sparsity is None:
+        raise ValueError("prefill='sparse' applies to the sparsity= swaps; pass sparsity=Thresholds too")
     _check_combination(sparsity, ffn)
-    handle = PatchHandle(model, backend)
+    handle = PatchHandle(model, backend, prefill)
     specs = {"sparsity": sparsity, "ffn": ffn, "steering": steering}
     try:
         for name, fn in FEATURES.items():
@@ -591,7 +608,12 @@ def _undo_all(handle: PatchHandle) -> None:
 
 
 def unpatch(model: torch.nn.Module) -> None:
-    """Reverts `patch`: the model's modules and forwards are exactly the original ones again."""
+    """Reverts `actshift.patch(model, ...)`: runs the handle's undo list newest first, so the
+    model's modules (sparse swaps, FFN swaps, relufy with the handle) and instance forwards are
+    the very objects they were before, and its outputs are bit-identical to the unpatched model.
+    Same as `handle.unpatch()` or leaving the handle's `with` block. ValueError if `model` is not
+    patched. Swaps made without a handle (`sparse.patch_sparsity(model, thr)`) are undone by
+    `actshift.sparse.unpatch(model)` instead."""
     handle = model.__dict__.pop(_HANDLE_ATTR, None) if isinstance(model, torch.nn.Module) else None
     if handle is None:
         raise ValueError("model is not patched by actshift")

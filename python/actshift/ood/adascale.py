@@ -138,8 +138,22 @@ def adaptive_percentile(cdf_values: torch.Tensor, p_min: float, p_max: float) ->
 
 class AdaScale:
     """AdaSCALE-A (variant "a") or AdaSCALE-L ("l") for any Classifier; `fit` on ID inputs, then
-    `logits(clf, x)`. Defaults are the paper's: p in [60, 85], λ = 10, o = 5 %, ε = 0.5, k1 = 1 %,
-    k2 = 5 % (see the module docstring)."""
+    `logits(clf, x)`. Defaults are the paper's.
+
+    Args:
+        p_min, p_max: the range of the per-sample percentile, in (0, 100): the most OOD-like sample
+            (F(Q') = 1) gets p_min, the most ID-like (F = 0) p_max. Default 60 and 85.
+        variant: "a" scales the logits' W·z term by e^r (AdaSCALE-A), "l" scales the whole logits
+            by r² (AdaSCALE-L).
+        lam: λ, the weight of the feature shift Q against the perturbed activation mass C_o in
+            Q' = C_o + λ·Q (>= 0; 0 uses C_o only). Default 10.
+        fraction: o, the share of each sample's input elements that get perturbed: those with the
+            smallest |∂ max logit / ∂x| (in [0, 1]; 0 perturbs nothing, so Q = 0). Default 0.05.
+        epsilon: ε, how far each perturbed input element moves, ε·sign(grad), in the model's input
+            units (after its normalisation; > 0). Default 0.5.
+        k1, k2: the top shares of z, in percent of D, over which Q and C_o are summed
+            (k = max(1, int(D·k/100))). Defaults 1 and 5.
+    """
 
     def __init__(
         self,

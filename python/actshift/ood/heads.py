@@ -61,6 +61,7 @@ def scaled_logits(
     percentile,
     variant: str = "scale",
     *,
+    allow_small_percentile: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """fp32 logits [N, C] of the head (weight [C, D], bias [C] or None) on SCALE- or AdaSCALE-shaped
@@ -70,7 +71,8 @@ def scaled_logits(
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
     z = as_rows(z)
     check_head(z, weight, bias)
-    r = scale_ratio(z if variant == "scale" else z.clamp(min=0), percentile, backend=backend)
+    r = scale_ratio(z if variant == "scale" else z.clamp(min=0), percentile,
+                    allow_small_percentile=allow_small_percentile, backend=backend)
     wz = F.linear(z, weight).float()
     b = None if bias is None else bias.float()
     if variant == "adascale_l":

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from ..ops import energy, percentile_scale
+from ..ops.percentile import refuse_fraction
 from ._checks import check_number
 from .adapters import Classifier, as_classifier, head_device, head_features, to_device
 from .adascale import AdaScale
@@ -173,7 +174,8 @@ class EnergyPostprocessor(Postprocessor):
         return energy(logits, self.temperature)
 
 
-def _percentile(value, name: str = "percentile") -> float:
+def _percentile(value, allow_small_percentile: bool, name: str = "percentile") -> float:
+    refuse_fraction(value, allow_small_percentile, name)
     return check_number(value, name, 0.0, 100.0, include_high=False)
 
 
@@ -183,13 +185,14 @@ class ReActPostprocessor(Postprocessor):
     hyperparameters = ("percentile",)
     sweep: ClassVar[dict[str, list]] = {"percentile": [85, 90, 95, 99]}
 
-    def __init__(self, percentile: float = 90):
+    def __init__(self, percentile: float = 90, *, allow_small_percentile: bool = False):
         self.activations: torch.Tensor | None = None  # every ID activation, sorted (set by setup)
         self.clip: float | None = None
+        self.allow_small_percentile = allow_small_percentile
         super().__init__(percentile=percentile)
 
     def configure(self, percentile: float) -> None:
-        self.percentile = _percentile(percentile)
+        self.percentile = _percentile(percentile, self.allow_small_percentile)
         if self.activations is not None:
             self.clip = sorted_percentile(self.activations, self.percentile)
 
@@ -230,17 +233,19 @@ class ASHPostprocessor(Postprocessor):
     sweep: ClassVar[dict[str, list]] = {"percentile": _PERCENTILE_SWEEP}
     DEFAULT_PERCENTILE: ClassVar[dict[str, float]] = {"p": 60, "b": 65, "s": 90}
 
-    def __init__(self, variant: str = "s", percentile: float | None = None):
+    def __init__(self, variant: str = "s", percentile: float | None = None, *, allow_small_percentile: bool = False):
         if variant not in self.DEFAULT_PERCENTILE:
             raise ValueError(f"variant must be one of {', '.join(self.DEFAULT_PERCENTILE)}, got {variant!r}")
         self.variant = variant
+        self.allow_small_percentile = allow_small_percentile
         super().__init__(percentile=self.DEFAULT_PERCENTILE[variant] if percentile is None else percentile)
 
     def configure(self, percentile: float) -> None:
-        self.percentile = _percentile(percentile)
+        self.percentile = _percentile(percentile, self.allow_small_percentile)
 
     def logits(self, clf: Classifier, x: torch.Tensor) -> torch.Tensor:
-        return clf.head(percentile_scale(head_features(clf, x), self.percentile, f"ash_{self.variant}"))
+        return clf.head(percentile_scale(head_features(clf, x), self.percentile, f"ash_{self.variant}",
+                                         allow_small_percentile=self.allow_small_percentile))
 
 
 class ScalePostprocessor(Postprocessor):
@@ -249,14 +254,16 @@ class ScalePostprocessor(Postprocessor):
     hyperparameters = ("percentile",)
     sweep: ClassVar[dict[str, list]] = {"percentile": _PERCENTILE_SWEEP}
 
-    def __init__(self, percentile: float = 85):
+    def __init__(self, percentile: float = 85, *, allow_small_percentile: bool = False):
+        self.allow_small_percentile = allow_small_percentile
         super().__init__(percentile=percentile)
 
     def configure(self, percentile: float) -> None:
-        self.percentile = _percentile(percentile)
+        self.percentile = _percentile(percentile, self.allow_small_percentile)
 
     def logits(self, clf: Classifier, x: torch.Tensor) -> torch.Tensor:
-        return scaled_logits(head_features(clf, x), clf.head.weight, clf.head.bias, self.percentile, "scale")
+        return scaled_logits(head_features(clf, x), clf.head.weight, clf.head.bias, self.percentile, "scale",
+                             allow_small_percentile=self.allow_small_percentile)
 
 
 class AdaScalePostprocessor(Postprocessor):
@@ -266,7 +273,9 @@ class AdaScalePostprocessor(Postprocessor):
     hyperparameters = ("percentile",)
     sweep: ClassVar[dict[str, list]] = {"percentile": [[60, p] for p in (65, 70, 75, 80, 85, 90, 95, 99)]}
 
-    def __init__(self, variant: str = "a", percentile: Sequence[float] = (60, 85), **adascale_options: float):
+    def __init__(self, variant: str = "a", percentile: Sequence[float] = (60, 85), *,
+                 allow_small_percentile: bool = False, **adascale_options: float):
+        self.allow_small_percentile = allow_small_percentile
         self.adascale = AdaScale(*self._range(percentile), variant=variant, **adascale_options)
         super().__init__(percentile=percentile)
 
@@ -281,6 +290,8 @@ class AdaScalePostprocessor(Postprocessor):
         return percentile[0], percentile[1]
 
     def configure(self, percentile: Sequence[float]) -> None:
+        for name, p in zip(("percentile[0] (p_min)", "percentile[1] (p_max)"), self._range(percentile)):
+            refuse_fraction(p, self.allow_small_percentile, name)
         self.adascale.set_range(*self._range(percentile))
         self.percentile = [self.adascale.p_min, self.adascale.p_max]
 
@@ -298,7 +309,25 @@ METHODS = ("msp", "energy", "react", "ash_p", "ash_b", "ash_s", "scale", "adasca
 
 
 def make_postprocessor(method: str, **hyperparameters: Any) -> Postprocessor:
-    """A postprocessor by method name (one of METHODS), with its defaults unless overridden."""
+    """A postprocessor by method name, with the method's defaults unless overridden.
+
+    Args:
+        method: one of METHODS: "msp", "energy" (keyword temperature), "react" (percentile of the
+            ID activations used as the clip, default 90), "ash_p" / "ash_b" / "ash_s" (percentile,
+            defaults 60 / 65 / 90), "scale" (percentile, default 85), "adascale_a" / "adascale_l"
+            (percentile = [p_min, p_max], default [60, 85], plus AdaScale's lam, fraction, epsilon,
+            k1, k2; see `AdaScale`); and the post-hoc baselines of actshift.ood.posthoc: "odin",
+            "mds" (Mahalanobis), "knn", "vim", "gen".
+        hyperparameters: the method's keywords above. Percentiles are in (0, 100) as in
+            numpy.percentile; a percentile below 1 (e.g. 0.85, a torch.quantile-style fraction) is
+            refused unless allow_small_percentile=True.
+
+    Returns:
+        An OpenOOD-shaped postprocessor: `setup(net, id_loader_dict, ood_loader_dict)` computes ID
+        statistics (ReAct's clip, AdaSCALE's CDF; a no-op for the others), `postprocess(net, x)`
+        returns (pred, conf) with higher conf = more in-distribution, `inference(net, loader)` runs
+        a labelled loader, and `args_dict` / `set_hyperparam` drive OpenOOD's hyper-parameter search.
+    """
     from . import posthoc  # it builds on this module
 
     if method in ("ash_p", "ash_b", "ash_s"):

@@ -83,6 +83,20 @@ def percentile_k(d: int, percentile, n: int, device: torch.device) -> torch.Tens
     return k.clamp(1, d).to(torch.int32)
 
 
+def refuse_fraction(percentile, allow_small_percentile: bool, name: str = "percentile") -> None:
+    """ValueError for a percentile number below 1, unless allow_small_percentile: 0.85 is almost
+    always a torch.quantile-style fraction meant as 85, which would silently keep nearly every
+    element. Tensors (per-row percentiles, computed by code) are not checked."""
+    if not isinstance(allow_small_percentile, bool):
+        raise TypeError(f"allow_small_percentile must be a bool, got {type(allow_small_percentile).__name__}")
+    if (not allow_small_percentile and isinstance(percentile, numbers.Real) and not isinstance(percentile, bool)
+            and 0 < percentile < 1):
+        raise ValueError(
+            f"{name}={percentile} looks like a fraction: percentiles here are in (0, 100), as in numpy.percentile "
+            f"(torch.quantile's q=0.85 is {name}=85). Pass {name}={percentile * 100:g}, or "
+            f"allow_small_percentile=True if you mean the {percentile}th percentile")
+
+
 def _check_clip(clip) -> float | None:
     if clip is None:
         return None
@@ -122,6 +136,7 @@ def percentile_scale(
     *,
     clip: float | None = None,
     return_ratio: bool = False,
+    allow_small_percentile: bool = False,
     backend: str = "auto",
 ):
     """Activation shaping of each sample's features, exact, in one fused pass.
@@ -134,6 +149,9 @@ def percentile_scale(
             "ash_s" (ash_p·e^r) or "react" (min(z, clip)); r = s1/s2 = Σz / Σ top-k, in fp32.
         clip: ReAct's threshold c; with another method it clips z first (ReAct + ASH).
         return_ratio: also return r [N] (fp32).
+        allow_small_percentile: accept a percentile number below 1 (by default refused with a
+            ValueError: 0.85 is read as the 0.85th percentile, so it is most likely a fraction
+            meant as 85).
 
     Ties at the k-th value are kept in index order (deterministic; torch.topk may keep other tied
     positions, which changes ASH outputs but never s2, r or SCALE). A row holding NaN/Inf gives
@@ -156,15 +174,19 @@ def percentile_scale(
     else:
         if percentile is None:
             raise ValueError(f"method {method!r} needs a percentile in (0, 100)")
+        refuse_fraction(percentile, allow_small_percentile)
         k = percentile_k(z2.shape[1], percentile, z2.shape[0], z2.device)
     y, r = run_percentile(z2, k, method, clip, backend)
     y = y.view(shape)
     return (y, r) if return_ratio else y
 
 
-def scale_ratio(z: torch.Tensor, percentile, *, clip: float | None = None, backend: str = "auto") -> torch.Tensor:
+def scale_ratio(z: torch.Tensor, percentile, *, clip: float | None = None, allow_small_percentile: bool = False,
+                backend: str = "auto") -> torch.Tensor:
     """r = Σz / Σ top-k(z) per row (fp32), without writing shaped features: what SCALE and AdaSCALE
-    need to scale logits instead of features (exp(r)·(W z) + b)."""
+    need to scale logits instead of features (exp(r)·(W z) + b). Percentile and
+    allow_small_percentile as in `percentile_scale`."""
     z2 = as_rows(z)
+    refuse_fraction(percentile, allow_small_percentile)
     k = percentile_k(z2.shape[1], percentile, z2.shape[0], z2.device)
     return run_percentile(z2, k, "ratio", _check_clip(clip), backend)[1]

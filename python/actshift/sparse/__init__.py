@@ -10,8 +10,8 @@
 from .calibrate import Histogram, SparsityTable, calibrate, realized_sparsity, simulate
 from .cats import CatsMLP
 from .ffn import ReluFFN, ReluGatedMLP
-from .linear import DECODE_MAX_ROWS, SparseLinear, is_decode
-from .patch import patch_ffn, patch_sparsity, unpatch
+from .linear import DECODE_MAX_ROWS, Counters, SparseLinear, is_decode
+from .patch import counters, patch_ffn, patch_sparsity, unpatch
 from .relufy import FATReLU, calibrate_fatrelu, relufy, sparsity_report
 from .sites import TEAL_SITES
 from .thresholds import Thresholds
@@ -27,6 +27,8 @@ __all__ = [
     "patch_sparsity",
     "patch_ffn",
     "unpatch",
+    "counters",
+    "Counters",
     "SparseLinear",
     "CatsMLP",
     "ReluGatedMLP",

@@ -77,19 +77,28 @@ def _check_fraction(value, name: str) -> float:
     return float(value)
 
 
-def run_batches(model: nn.Module, batches: Iterable, *, progress: bool = False, desc: str = "") -> int:
+# progress=None ("auto"): the bar appears only once the work has run this long, so short calls
+# (a few batches) stay quiet; True shows it at once, False never.
+PROGRESS_DELAY_S = 1.0
+
+
+def progress_bar(iterable: Iterable, progress: bool | None, desc: str) -> Iterable:
+    """`iterable` wrapped in a tqdm bar per `progress` (True, False, None = auto, see above)."""
+    if progress is False:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm ships with transformers; without it, no bar
+        return iterable
+    return tqdm(iterable, desc=desc, leave=False, delay=0.0 if progress else PROGRESS_DELAY_S)
+
+
+def run_batches(model: nn.Module, batches: Iterable, *, progress: bool | None = False, desc: str = "") -> int:
     """Runs `model` without grad on each batch (a tensor of input_ids, or a dict of model kwargs);
     returns how many ran. ValueError naming `batches` when there are none or one is malformed."""
     if isinstance(batches, (torch.Tensor, dict)):
         batches = [batches]
-    it = batches
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            it = tqdm(batches, desc=desc, leave=False)
-        except ImportError:  # tqdm ships with transformers; without it, no bar
-            pass
+    it = progress_bar(batches, progress, desc)
     # No KV cache: calibration replays layers, which must not append to a cache the pass created.
     extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     n = 0
@@ -183,7 +192,7 @@ def _collect(model, lays, names, batches, progress, capture_layers: bool):
 
 
 def calibrate(model: nn.Module, batches: Iterable, target_sparsity: float, sites=_sites.TEAL_SITES, *,
-              greedy: bool = False, greedy_step: float = 0.01, progress: bool = True) -> Thresholds:
+              greedy: bool = False, greedy_step: float = 0.01, progress: bool | None = None) -> Thresholds:
     """Thresholds that zero `target_sparsity` of the activations at each (layer, site).
 
     model: a transformers model (Llama, Mistral, Qwen2/3, GPT-2, BERT, OPT), in eval mode.
@@ -195,7 +204,8 @@ def calibrate(model: nn.Module, batches: Iterable, target_sparsity: float, sites
         the calibration tokens), each step adding `greedy_step` to the layer's parameter-weighted
         sparsity, until it equals the target. Sites read by more weights end up sparser when the
         block tolerates it. Without greedy every site gets the target (uniform).
-    progress: a tqdm bar over the batches (and layers, for greedy).
+    progress: a tqdm bar over the batches (and layers, for greedy): True, False, or None (default)
+        to show it only once the work has taken more than a second.
 
     Thresholds are histogram quantiles (see the module docstring: 0.085% relative resolution).
     """
@@ -227,14 +237,7 @@ def _layer_output(layer: nn.Module, args, kwargs) -> torch.Tensor:
 
 def _greedy(lays, names, hists, captured, target, step, progress) -> dict:
     result = {}
-    it = lays
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            it = tqdm(lays, desc="actshift greedy", leave=False)
-        except ImportError:
-            pass
+    it = progress_bar(lays, progress, "actshift greedy")
     with torch.no_grad():
         for layer in it:
             calls = captured[layer.index]

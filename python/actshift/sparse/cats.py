@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .linear import is_decode
+from .linear import Counters, is_decode
 from .thresholds import check_threshold
 
 
@@ -25,12 +25,15 @@ class CatsMLP(nn.Module):
         self.register_buffer("w_down_t", mlp.down_proj.weight.detach().t().contiguous(), persistent=False)
         self.prefill = prefill
         self.backend = backend
+        self.counters = Counters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import actshift
 
         m = self.mlp
-        if is_decode(x):
+        decode = is_decode(x)
+        self.counters.tally(decode)
+        if decode:
             if m.gate_proj.bias is None and m.up_proj.bias is None and m.down_proj.bias is None:
                 return actshift.cats_mlp(x, m.gate_proj.weight, m.up_proj.weight, self.w_down_t, self.threshold,
                                          backend=self.backend)

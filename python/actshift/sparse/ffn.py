@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .linear import is_decode
+from .linear import Counters, is_decode
 from .sites import linear_weight_t
 from .thresholds import check_threshold
 
@@ -32,11 +32,14 @@ class ReluGatedMLP(nn.Module):
         self.mlp = mlp
         self.register_buffer("w_down_t", mlp.down_proj.weight.detach().t().contiguous(), persistent=False)
         self.backend = backend
+        self.counters = Counters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import actshift
 
-        if not is_decode(x):
+        decode = is_decode(x)
+        self.counters.tally(decode)
+        if not decode:
             return self.mlp(x)
         m = self.mlp
         return actshift.relu_ffn(x, m.gate_proj.weight, m.up_proj.weight, self.w_down_t, self.act, self.threshold,
@@ -67,11 +70,14 @@ class ReluFFN(nn.Module):
         self.register_buffer("w1", w1_t.detach().t().contiguous(), persistent=False)
         self.register_buffer("w_down_t", w2_t.detach().contiguous(), persistent=False)
         self.backend = backend
+        self.counters = Counters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import actshift
 
-        if not is_decode(x):
+        decode = is_decode(x)
+        self.counters.tally(decode)
+        if not decode:
             return self.fc2(self.act_fn(self.fc1(x)))
         return actshift.relu_ffn(x, self.w1, None, self.w_down_t, self.act, self.threshold,
                                  b_gate=self.fc1.bias, b_down=self.fc2.bias, backend=self.backend)

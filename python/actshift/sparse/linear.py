@@ -16,6 +16,43 @@ from .thresholds import check_threshold
 DECODE_MAX_ROWS = 16
 
 
+class Counters:
+    """What one swapped module did, counted on eager calls (not while torch.compile traces, so a
+    compiled graph carries no Python side effects): `sparse_calls` ran the actshift kernel (decode
+    steps), `dense_calls` ran the original module (prefill). With `count_zeros = True` a
+    SparseLinear also counts the inputs its sparse calls zeroed (|x| <= t), which costs a reduction
+    and a host sync per call, hence off by default; `sparsity` is then zeros / inputs."""
+
+    __slots__ = ("sparse_calls", "dense_calls", "zeros", "inputs", "count_zeros")
+
+    def __init__(self) -> None:
+        self.count_zeros = False
+        self.reset()
+
+    def reset(self) -> None:
+        self.sparse_calls = self.dense_calls = self.zeros = self.inputs = 0
+
+    def tally(self, sparse: bool, x: torch.Tensor | None = None, threshold: float = 0.0) -> None:
+        if torch.compiler.is_compiling():
+            return
+        if not sparse:
+            self.dense_calls += 1
+            return
+        self.sparse_calls += 1
+        if self.count_zeros and x is not None:
+            self.zeros += int((x.abs() <= threshold).sum())
+            self.inputs += x.numel()
+
+    @property
+    def sparsity(self) -> float | None:
+        """Share of inputs zeroed over the counted sparse calls; None when none were counted."""
+        return self.zeros / self.inputs if self.inputs else None
+
+    def __repr__(self) -> str:
+        s = "" if self.sparsity is None else f", sparsity={100 * self.sparsity:.1f}%"
+        return f"Counters(sparse_calls={self.sparse_calls}, dense_calls={self.dense_calls}{s})"
+
+
 def is_decode(x: torch.Tensor) -> bool:
     """True for a decode step: seq == 1 (or a 2-D input) and at most DECODE_MAX_ROWS rows."""
     if x.dim() >= 3 and x.shape[-2] != 1:
@@ -46,11 +83,14 @@ class SparseLinear(nn.Module):
         self.threshold = check_threshold(threshold, "threshold")
         self.prefill = prefill
         self.backend = backend
+        self.counters = Counters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import actshift
 
-        if is_decode(x):
+        decode = is_decode(x)
+        self.counters.tally(decode, x, self.threshold)
+        if decode:
             return actshift.sparse_linear(x, self.weight_t, self.threshold, self.dense.bias, backend=self.backend)
         if self.prefill == "sparse":
             x = actshift.sparse_threshold(x, self.threshold, backend=self.backend)

@@ -15,7 +15,7 @@ from torch import nn
 from . import sites as _sites
 from .cats import CatsMLP
 from .ffn import ReluFFN, ReluGatedMLP
-from .linear import SparseLinear
+from .linear import Counters, SparseLinear
 from .relufy import FATReLU, set_submodule
 from .thresholds import Thresholds
 
@@ -144,6 +144,20 @@ def patch_ffn(model: nn.Module, mode: str = "relu_sparse", handle=None, *, backe
                   (layer.module, arch.act, nn.Identity()),
                   (layer.module, second, nn.Identity())]
     return _apply(model, swaps, handle)
+
+
+def counters(model: nn.Module, *, count_zeros: bool | None = None, reset: bool = False) -> dict[str, Counters]:
+    """The live `Counters` of every swapped module, {module path: Counters}: how many calls took the
+    sparse kernel and how many the original module, so you can confirm the kernels ran.
+    count_zeros=True (False) turns on (off) counting the inputs each SparseLinear zeroed, for the
+    realized sparsity of the decode steps (`Counters.sparsity`); reset=True zeroes the counts."""
+    out = {name: m.counters for name, m in model.named_modules() if isinstance(m, _SWAPPED)}
+    for c in out.values():
+        if reset:
+            c.reset()
+        if count_zeros is not None:
+            c.count_zeros = bool(count_zeros)
+    return out
 
 
 def unpatch(model: nn.Module) -> int:

@@ -2,6 +2,7 @@
 calibration and the FFN activation-sparsity report."""
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Iterable
 
@@ -43,7 +44,7 @@ def set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, new)
 
 
-def relufy(model: nn.Module, act: str = "fatrelu", threshold=0.0) -> nn.Module:
+def relufy(model: nn.Module, act: str = "fatrelu", threshold=0.0, handle=None, *, inplace: bool = True) -> nn.Module:
     """Replaces every layer's FFN activation (SiLU, GELU, ...) by ReLU or FATReLU, per instance, and
     returns the model. LOSSY: the converted model computes a different function than the original
     (papers fine-tune after relufication); use it to experiment with ReLU-sparse kernels on models
@@ -51,9 +52,23 @@ def relufy(model: nn.Module, act: str = "fatrelu", threshold=0.0) -> nn.Module:
 
     act: "relu" or "fatrelu". threshold: FATReLU's threshold (a number >= 0, or one per layer);
     see `calibrate_fatrelu` to pick thresholds for a target sparsity.
+    inplace: True (default) changes `model` itself and returns it; the swap is undoable like every
+    module swap: `sparse.unpatch(model)` (or, with `handle`, `actshift.unpatch`) puts the original
+    activation modules back. False relufies a deep copy (the weights are copied too) and leaves
+    `model` untouched.
+    handle: an actshift.patch handle to register the undo with (as patch_sparsity / patch_ffn do).
     """
+    from .patch import _apply
+
     if act not in ("relu", "fatrelu"):
         raise ValueError(f"act must be 'relu' or 'fatrelu', got {act!r}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    if not inplace and handle is not None:
+        raise ValueError("handle belongs to the original model; relufy(..., inplace=False) returns an unpatched copy")
+    # A patched model's copy would carry undos that act on the original's modules.
+    if not inplace and (model.__dict__.get("_actshift_sparse_undo") or model.__dict__.get("_actshift_patch")):
+        raise ValueError("model is patched; unpatch it before relufy(..., inplace=False) copies it")
     mods = act_modules(model)
     if isinstance(threshold, (list, tuple)):
         if len(threshold) != len(mods):
@@ -65,12 +80,16 @@ def relufy(model: nn.Module, act: str = "fatrelu", threshold=0.0) -> nn.Module:
         raise ValueError("threshold must be 0 with act='relu' (use act='fatrelu')")
     warnings.warn("actshift.sparse.relufy: replacing the FFN activation with ReLU/FATReLU changes the model's "
                   "outputs (lossy vs the original; relufied models are normally fine-tuned)", UserWarning, stacklevel=2)
-    for (layer, path, _), t in zip(mods, ts):
-        set_submodule(layer, path, nn.ReLU() if act == "relu" else FATReLU(t))
+    if not inplace:
+        model = copy.deepcopy(model)
+        mods = act_modules(model)
+    _apply(model, [(layer, path, nn.ReLU() if act == "relu" else FATReLU(t)) for (layer, path, _), t in zip(mods, ts)],
+           handle)
     return model
 
 
-def calibrate_fatrelu(model: nn.Module, batches: Iterable, target_sparsity: float, *, progress: bool = True) -> list[float]:
+def calibrate_fatrelu(model: nn.Module, batches: Iterable, target_sparsity: float, *,
+                      progress: bool | None = None) -> list[float]:
     """Sets each layer's FATReLU threshold so that `target_sparsity` of its gate pre-activations are
     at or below it (the activation is then exactly zero), on `batches`; returns the thresholds.
     A layer whose non-positive share already exceeds the target keeps threshold 0 (plain ReLU).

@@ -20,6 +20,7 @@ from .recipes import (
     monitor_sites,
     neuron_plan,
     neuron_scores,
+    normalize_vector,
     pca_direction,
     pca_vectors,
     plans_from_vectors,
@@ -32,6 +33,6 @@ __all__ = [
     "mean_difference", "pca_direction", "caa_vectors", "pca_vectors", "plans_from_vectors",
     "actadd_vectors", "actadd_sites", "ablation_sites", "ablate_direction", "fit_affine", "affine_plan",
     "neuron_scores", "select_neurons", "neuron_plan", "cast_similarity", "ConditionalSteering",
-    "monitor_sites", "PersonaMonitor", "compose",
+    "monitor_sites", "PersonaMonitor", "compose", "normalize_vector",
     "SteeringVector", "aggregate", "AGGREGATORS", "logistic_direction", "make_pairs", "truncated_suffixes",
 ]

@@ -54,15 +54,18 @@ class _Stop(Exception):
     """Raised by the deepest hook: nothing after it is needed."""
 
 
-def _progress(total: int, enabled: bool, desc: str):
-    """tqdm where installed, else a one-line counter on stderr; a no-op when disabled."""
-    if not enabled:
+def _progress(total: int, enabled: bool | None, desc: str):
+    """tqdm where installed (shown at once for True; for None only once the work has run for a
+    second), else for True a one-line counter on stderr; None when there is no bar."""
+    if enabled is False:
         return None
+    from ..sparse.calibrate import PROGRESS_DELAY_S
+
     try:
         from tqdm.auto import tqdm
     except ImportError:
-        return _SimpleBar(total, desc)
-    return tqdm(total=total, desc=desc, unit="input")
+        return _SimpleBar(total, desc) if enabled else None
+    return tqdm(total=total, desc=desc, unit="input", delay=0.0 if enabled else PROGRESS_DELAY_S)
 
 
 class _SimpleBar:
@@ -104,17 +107,72 @@ def _batches(inputs, tokenizer, batch_size: int):
         raise ValueError("inputs must hold at least one input")
     if tokenizer is None:
         raise ValueError("tokenizer is required when inputs are strings")
-    if len(inputs) > batch_size and getattr(tokenizer, "pad_token", None) is None:
-        raise ValueError("tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos_token) to batch strings")
     for start in range(0, len(inputs), batch_size):
         chunk = list(inputs[start:start + batch_size])
+        if len(chunk) > 1 and getattr(tokenizer, "pad_token", None) is None:
+            yield _pad_ourselves(tokenizer, chunk)
+            continue
         enc = tokenizer(chunk, return_tensors="pt", padding=len(chunk) > 1)
         yield enc["input_ids"], enc.get("attention_mask", torch.ones_like(enc["input_ids"]))
 
 
-def _pool(h: torch.Tensor, mask: torch.Tensor, pooling) -> torch.Tensor:
+def _pad_ourselves(tokenizer, chunk: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batches strings for a tokenizer without a pad token (many base LMs) without changing it:
+    each string alone, right-padded with any id (the attention mask hides it, positions come from
+    the mask and pooling skips it)."""
+    rows = [torch.as_tensor(tokenizer(s)["input_ids"], dtype=torch.long).reshape(-1) for s in chunk]
+    ids = torch.zeros(len(rows), max(r.numel() for r in rows), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : r.numel()] = r
+        mask[i, : r.numel()] = 1
+    return ids, mask
+
+
+def _check_pooling(pooling, n: int):
+    """pooling as given ("last", "mean", None), or an int64 [n] index per input, or a bool [n, L]
+    token mask; ValueError/TypeError naming `pooling` otherwise."""
+    if not isinstance(pooling, torch.Tensor) and pooling in POOLINGS:
+        return pooling
+    if isinstance(pooling, (bool, str)):
+        raise ValueError(f"pooling must be 'last', 'mean', None, a token index, one index per input or a bool mask; "
+                         f"got {pooling!r}")
+    if isinstance(pooling, int):
+        return torch.full((n,), pooling, dtype=torch.int64)
+    t = pooling if isinstance(pooling, torch.Tensor) else torch.as_tensor(pooling)
+    if t.dtype == torch.bool:
+        if t.dim() != 2 or t.shape[0] != n:
+            raise ValueError(f"pooling as a token mask must be bool [{n} inputs, L], got shape {tuple(t.shape)}")
+        return t.cpu()
+    if t.is_floating_point() or t.is_complex() or t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(f"pooling as token indices must be an int or {n} ints (one per input), got "
+                         f"{t.dtype} with shape {tuple(t.shape)}")
+    return t.cpu().long()
+
+
+def _pool(h: torch.Tensor, mask: torch.Tensor, pooling, start: int = 0) -> torch.Tensor:
     h = h.float()
     m = mask.to(h.device, torch.bool)
+    if isinstance(pooling, torch.Tensor):  # positions counted over each input's own (non-pad) tokens
+        rank = m.long().cumsum(1) - 1  # j for the j-th real token, whatever the padding side
+        lens = m.sum(1)
+        rows = pooling[start:start + h.shape[0]].to(h.device)
+        if rows.dtype == torch.bool:
+            cols = rank.clamp(0, rows.shape[1] - 1)
+            sel = m & (rank < rows.shape[1]) & torch.gather(rows, 1, cols)
+            empty = (~sel.any(1)).nonzero()
+            if empty.numel():
+                raise ValueError(f"pooling mask selects no token of input {start + int(empty[0])}")
+            w = sel.to(h.dtype)[..., None]
+            return (h * w).sum(1) / w.sum(1)
+        target = torch.where(rows < 0, lens + rows, rows)
+        bad = ((target < 0) | (target >= lens)).nonzero()
+        if bad.numel():
+            i = int(bad[0])
+            raise ValueError(f"pooling index {int(rows[i])} is out of range for input {start + i}, "
+                             f"which has {int(lens[i])} tokens")
+        pos = (m & (rank == target[:, None])).long().argmax(1)
+        return h[torch.arange(h.shape[0], device=h.device), pos]
     if pooling == "last":  # the last non-pad position, whichever side the padding is on
         pos = torch.arange(m.shape[1], device=h.device)
         last = torch.where(m, pos, -1).amax(1)
@@ -134,7 +192,7 @@ def extract_activations(
     site: str = "block_output",
     pooling: str | None = "last",
     batch_size: int = 8,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> dict[int, torch.Tensor]:
     """Runs `model` on `inputs` and returns each requested layer's activations, fp32 on CPU.
 
@@ -146,10 +204,16 @@ def extract_activations(
         site: "block_output" (the residual stream after the block, = hidden_states[layer + 1] of
             output_hidden_states for all but the last layer, whose hidden_states entry is normed),
             "block_input", "attention_output" or "mlp_output".
-        pooling: "last" (the last non-pad token), "mean" (mean over non-pad tokens), or None
-            (every non-pad token, concatenated input by input: [total_tokens, d]).
+        pooling: "last" (the last non-pad token), "mean" (mean over non-pad tokens), None
+            (every non-pad token, concatenated input by input: [total_tokens, d]), or a read
+            position: an int token index (negative counts from the end: -1 is "last", -2 the
+            token before it, steering-vectors' read_token_index=-2), one index per input (a
+            sequence or int tensor [n]), or a bool mask [n, L] whose selected tokens are averaged.
+            Indices and mask columns count each input's own tokens, left to right, whatever the
+            padding side (column j = its j-th non-pad token; columns past its length are ignored).
         batch_size: inputs per forward pass.
-        progress: show a progress bar (tqdm when installed).
+        progress: a progress bar (tqdm when installed): True, False, or None (default) to show it
+            only once the extraction has taken more than a second.
 
     Returns:
         {layer: tensor [n, d]} (or [total_tokens, d] for pooling=None), keyed by the non-negative
@@ -159,8 +223,6 @@ def extract_activations(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if site not in SITES:
         raise ValueError(f"site must be one of {', '.join(SITES)}; got {site!r}")
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be 'last', 'mean' or None; got {pooling!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     arch = architectures.architecture(model)
@@ -168,6 +230,7 @@ def extract_activations(
     layers = check_layers(layers, len(blocks))
     batches = list(_batches(inputs, tokenizer, batch_size))
     total = sum(ids.shape[0] for ids, _ in batches)
+    pooling = _check_pooling(pooling, total)
     params = inspect.signature(model.forward).parameters
 
     captured: dict[int, torch.Tensor] = {}
@@ -197,6 +260,7 @@ def extract_activations(
                 handles.append(module.register_forward_hook(
                     lambda m, a, k, o, f=make_hook(layer, False): f(m, a, k, o), with_kwargs=True))
         device = next(model.parameters()).device
+        start = 0
         for ids, mask in batches:
             kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
             if "use_cache" in params:
@@ -210,7 +274,8 @@ def extract_activations(
                 except _Stop:
                     pass
             for layer in layers:
-                out[layer].append(_pool(captured[layer], mask, pooling).cpu())
+                out[layer].append(_pool(captured[layer], mask, pooling, start).cpu())
+            start += ids.shape[0]
             if bar is not None:
                 bar.update(ids.shape[0])
     finally:

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 
 import torch
 
+from .._optional import require
 from .plan import SteeringPlan
 
 FORMAT_KEY = "actshift.format"  # "vectors" or "plans"
@@ -88,7 +89,7 @@ def save(path: str | os.PathLike, data, *, model=None, method: str | None = None
 
     Metadata always holds actshift.format, actshift.version, hidden_size and layers (JSON list).
     """
-    from safetensors.torch import save_file
+    save_file = require("safetensors.torch", "actshift.steering.save").save_file
 
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta.update(_model_meta(model))
@@ -150,7 +151,7 @@ def load(path: str | os.PathLike, *, model=None):
     `data` has the shape that was saved: {layer: tensor} (fp32, CPU), {layer: SteeringPlan} or one
     SteeringPlan. With `model`, the file's hidden size and layers are checked against it.
     """
-    from safetensors import safe_open
+    safe_open = require("safetensors", "actshift.steering.load").safe_open
 
     with safe_open(os.fspath(path), framework="pt") as f:
         meta = dict(f.metadata() or {})
@@ -190,8 +191,12 @@ def export_gguf(path: str | os.PathLike, vectors: Mapping[int, torch.Tensor], *,
     (see the module docstring); layer 0 cannot be expressed there and raises ValueError. Scale the
     vectors first if they should carry a strength (llama.cpp's --control-vector-scaled also can).
     """
-    import gguf
-
+    if isinstance(vectors, SteeringPlan) or (isinstance(vectors, Mapping)
+                                             and any(isinstance(v, SteeringPlan) for v in vectors.values())):
+        raise TypeError("vectors: export_gguf writes raw control vectors, {layer: tensor [d]}, not SteeringPlans "
+                        "(llama.cpp adds each vector as is): pass e.g. {l: 4.0 * v for l, v in caa.items()}, "
+                        "or {l: p.strength * (p.weights @ p.vectors) for l, p in plans.items()} for additive plans")
+    gguf = require("gguf", "actshift.steering.export_gguf")
     layers = _check_layer_keys(vectors, "vectors")
     if layers[0] == 0:
         raise ValueError("vectors: llama.cpp control vectors cannot steer layer 0 (direction.0 is rejected)")
@@ -229,7 +234,7 @@ def import_gguf(path: str | os.PathLike, *, model=None) -> tuple[dict[int, torch
     numpy float64 scalars makes them fp64 (llama.cpp itself only loads fp32; `export_gguf` writes
     fp32).
     """
-    import gguf
+    gguf = require("gguf", "actshift.steering.import_gguf")
 
     kinds = gguf.GGMLQuantizationType
     floats = (kinds.F32, kinds.F16, kinds.F64)

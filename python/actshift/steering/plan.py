@@ -6,6 +6,7 @@ can carry a different plan per row (`slot`), which is how a server steers each r
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -63,6 +64,16 @@ def _per_entry(value, name: str, n: int) -> torch.Tensor:
     return t
 
 
+def _builder(method):
+    """Marks a method that returns a changed copy: the copy is frozen once the method has set it up."""
+
+    @functools.wraps(method)
+    def build(self, *args, **kwargs):
+        return method(self, *args, **kwargs)._freeze()
+
+    return build
+
+
 def _orthonormal_rows(U: torch.Tensor) -> torch.Tensor:
     """Gram-Schmidt (via QR in fp64) keeping each row's direction; raises on dependent rows."""
     q, r = torch.linalg.qr(U.double().t())
@@ -89,9 +100,12 @@ class SteeringPlan:
         strength: λ, scales the whole intervention.
         renorm: rescale each steered row to its input norm.
 
-    The builder methods return a new plan with that part set (a plan is immutable once built):
+    A plan is immutable: setting an attribute raises AttributeError (its tensors and device caches
+    stay consistent with what was validated). The builder methods and `with_strength` return a new
+    plan with that part changed:
 
         plan = SteeringPlan(strength=4.0).ablate(u).add(v).condition(c, 0.2).monitor(M)
+        weaker = plan.with_strength(1.0)
     """
 
     def __init__(self, add=None, weights=None, strength: float = 1.0, *, renorm: bool = False):
@@ -118,13 +132,51 @@ class SteeringPlan:
             self._set_add(add, weights)
         elif weights is not None:
             raise ValueError("weights were given without add vectors")
+        self._frozen = True
+
+    # --- immutability --------------------------------------------------------------------------
+
+    def __setattr__(self, name: str, value) -> None:
+        if self.__dict__.get("_frozen", False):
+            raise AttributeError(
+                f"SteeringPlan is immutable; cannot set {name!r}. Make a changed copy instead: "
+                "plan.with_strength(s), or the builders .add / .ablate / .affine / .neurons / .condition / .monitor"
+            )
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"SteeringPlan is immutable; cannot delete {name!r}")
+
+    def _freeze(self) -> SteeringPlan:
+        self.__dict__["_frozen"] = True
+        return self
 
     # --- builders ------------------------------------------------------------------------------
 
     def _copy(self) -> SteeringPlan:
+        """A mutable shallow copy with empty caches (builders set its parts, then `_builder` freezes it)."""
         new = copy.copy(self)
+        new.__dict__["_frozen"] = False
         new._cache = {}
         return new
+
+    @_builder
+    def with_strength(self, strength: float) -> SteeringPlan:
+        """The same plan with another strength λ (validated: a finite number)."""
+        new = self._copy()
+        new.strength = _as_number(strength, "strength")
+        return new
+
+    def apply(self, model, strength: float | None = None, *, layers=None, site: str = "block_output",
+              backend: str = "auto"):
+        """Patches `model` with this plan (optionally at another strength) and returns the handle,
+        which is a context manager: `with plan.apply(model, 2.0): model.generate(...)` steers inside
+        the block only. `layers`: an index or indices (default every layer); `site` as in SteeringSite.
+        Shorthand for actshift.patch(model, steering=SteeringSite(plan, layers, site))."""
+        from ..integrations.transformers import SteeringSite, patch
+
+        plan = self if strength is None else self.with_strength(strength)
+        return patch(model, steering=SteeringSite(plan, layers=layers, site=site), backend=backend)
 
     def _check_width(self, d: int, name: str) -> None:
         if self.hidden_size is not None and d != self.hidden_size:
@@ -139,6 +191,7 @@ class SteeringPlan:
             raise ValueError(f"weights must be [{m}] to match add, got shape {tuple(w.shape)}")
         self.vectors, self.weights = v, w
 
+    @_builder
     def add(self, vectors, weights=None) -> SteeringPlan:
         """Adds Σ_j weights[j] · vectors[j] (vectors [d] or [m <= 16, d], weights [m], default ones)."""
         new = self._copy()
@@ -146,6 +199,7 @@ class SteeringPlan:
         new._set_add(vectors, weights)
         return new
 
+    @_builder
     def ablate(self, directions, targets=None, *, orthonormalize: bool = False) -> SteeringPlan:
         """Sets the component of x along each direction u_k to targets[k] (default 0: ablation).
 
@@ -170,6 +224,7 @@ class SteeringPlan:
         new.targets = torch.zeros(k) if targets is None else _per_entry(targets, "targets", k)
         return new
 
+    @_builder
     def affine(self, scale=None, bias=None) -> SteeringPlan:
         """z = scale ⊙ z + bias per dimension (each [d]; scale defaults to ones, bias to zeros)."""
         if scale is None and bias is None:
@@ -192,6 +247,7 @@ class SteeringPlan:
         new.bias = parts.get("bias", torch.zeros(d))
         return new
 
+    @_builder
     def neurons(self, idx, mul=1.0, add=0.0) -> SteeringPlan:
         """z[idx] = mul ⊙ z[idx] + add on a non-empty set of distinct indices (mul/add: number or [n])."""
         if not isinstance(idx, torch.Tensor):
@@ -219,6 +275,7 @@ class SteeringPlan:
         new.neuron_mul, new.neuron_add = _per_entry(mul, "mul", n), _per_entry(add, "add", n)
         return new
 
+    @_builder
     def condition(self, vector, threshold: float = 0.0, kind: str = "cosine", compare: str = ">") -> SteeringPlan:
         """Steers only rows whose score `compare` threshold; score = cos(x, vector) for kind="cosine",
         x·vector for kind="projection" (computed on the input row)."""
@@ -238,6 +295,7 @@ class SteeringPlan:
         new.condition_kind, new.condition_compare = kind, compare
         return new
 
+    @_builder
     def monitor(self, matrix) -> SteeringPlan:
         """Read-outs x·matrixᵀ of the input rows (matrix [d] or [p <= 16, d])."""
         M = _as_rows(matrix, "matrix", MAX_MONITORS)
@@ -276,8 +334,9 @@ class SteeringPlan:
             parts.append(f"ablate={self.directions.shape[0]}")
         if self.scale is not None:
             parts.append("affine")
-        if self.vectors is not None:
-            parts.append(f"add={self.vectors.shape[0]}")
+        if self.vectors is not None:  # norms, so vectors of different recipes can be compared
+            norms = ", ".join(f"{float(n):.3g}" for n in self.vectors.norm(dim=1))
+            parts.append(f"add={self.vectors.shape[0]} (norm {norms})")
         if self.neuron_idx is not None:
             parts.append(f"neurons={self.neuron_idx.numel()}")
         if self.condition_vector is not None:

@@ -94,27 +94,78 @@ def pca_direction(positive: torch.Tensor, negative: torch.Tensor, *, center: boo
     return (u if higher >= 0.5 else -u).float()
 
 
-def caa_vectors(model, pairs, layers, *, tokenizer=None, pooling: str = "last", batch_size: int = 8,
-                progress: bool = True) -> dict[int, torch.Tensor]:
+NORMALIZE = ("raw", "unit", "mean_norm")
+
+
+def normalize_vector(v: torch.Tensor, normalize: str, mean_norm: float | None = None) -> torch.Tensor:
+    """v as is ("raw"), scaled to norm 1 ("unit"), or to `mean_norm`, the mean norm of the layer's
+    activations ("mean_norm": then strength 1 adds a vector as long as a typical hidden state)."""
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be one of {', '.join(map(repr, NORMALIZE))}, got {normalize!r}")
+    if normalize == "raw":
+        return v
+    norm = float(v.norm())
+    if norm == 0.0:
+        raise ValueError("normalize: the vector is zero and has no direction to scale")
+    if normalize == "mean_norm" and mean_norm is None:
+        raise ValueError("normalize='mean_norm' needs the mean activation norm of the layer")
+    return v * ((1.0 if normalize == "unit" else mean_norm) / norm)
+
+
+def _normalized(vectors: dict, pos: dict, neg: dict, normalize: str) -> dict[int, torch.Tensor]:
+    """Applies `normalize` per layer; mean_norm is the mean ‖h‖ over the pairs' activations."""
+    return {layer: normalize_vector(v, normalize, float(torch.cat([pos[layer], neg[layer]]).norm(dim=1).mean()))
+            for layer, v in vectors.items()}
+
+
+def caa_vectors(model, pairs, layers, *, tokenizer=None, pooling="last", normalize: str = "raw",
+                batch_size: int = 8, progress: bool | None = None) -> dict[int, torch.Tensor]:
     """CAA steering vectors per layer from (positive, negative) prompt pairs: {layer: [d]}.
 
     Activations are read at the last token by default (CAA reads the answer letter at the end of
-    each prompt); `pooling="mean"` averages over the prompt instead. Add them with
-    `SteeringPlan(add=v, strength=s)` at the layer's block output.
+    each prompt); `pooling` takes "mean" or any read position of `extract_activations` (e.g. -2,
+    the token before the last). Add them with `SteeringPlan(add=v, strength=s)` at the layer's
+    block output.
+
+    normalize: "raw" (default, the mean difference as is: its norm depends on the model and the
+    layer, so a strength is not comparable across recipes), "unit" (norm 1, like `pca_vectors`)
+    or "mean_norm" (norm = the mean activation norm of the pairs at that layer, so strength s adds
+    s typical hidden-state lengths: comparable across layers and models).
     """
     pos, neg = _contrastive(model, pairs, layers, tokenizer, pooling, batch_size, progress)
-    return {layer: mean_difference(pos[layer], neg[layer]) for layer in pos}
+    return _normalized({layer: mean_difference(pos[layer], neg[layer]) for layer in pos}, pos, neg, normalize)
 
 
-def pca_vectors(model, pairs, layers, *, tokenizer=None, center: bool = True, pooling: str = "last",
-                batch_size: int = 8, progress: bool = True) -> dict[int, torch.Tensor]:
-    """repeng control vectors per layer (unit norm; see `pca_direction`): {layer: [d]}."""
+def pca_vectors(model, pairs, layers, *, tokenizer=None, center: bool = True, pooling="last",
+                normalize: str = "unit", batch_size: int = 8, progress: bool | None = None) -> dict[int, torch.Tensor]:
+    """repeng control vectors per layer from (positive, negative) prompt pairs: {layer: [d]}.
+
+    Reads each prompt's activations like `caa_vectors` (pooling: "last" by default, "mean", or a
+    read position), takes the paired differences per layer and their first principal component
+    (`pca_direction`: centered like repeng's pca_diff unless center=False), signed so that the
+    positive prompt projects higher in at least half of the pairs.
+
+    normalize: "unit" (default: norm 1, as repeng) or "mean_norm" (norm = the mean activation
+    norm at the layer, so strength s adds s typical hidden-state lengths); "raw" is the same as
+    "unit" here, since a principal component has no length of its own.
+    """
     pos, neg = _contrastive(model, pairs, layers, tokenizer, pooling, batch_size, progress)
-    return {layer: pca_direction(pos[layer], neg[layer], center=center) for layer in pos}
+    return _normalized({layer: pca_direction(pos[layer], neg[layer], center=center) for layer in pos},
+                       pos, neg, normalize)
 
 
 def plans_from_vectors(vectors: Mapping[int, torch.Tensor], strength: float = 1.0) -> dict[int, SteeringPlan]:
-    """{layer: vector [d]} -> {layer: SteeringPlan(add=vector, strength)}, ready for `actshift.patch`."""
+    """One additive plan per layer, ready for `actshift.patch(model, steering=...)`.
+
+    Args:
+        vectors: {layer: vector [d]} (e.g. from `caa_vectors`, `pca_vectors` or `load`), finite
+            and non-zero; layers are 0-based decoder blocks, steered at their block output.
+        strength: λ of every plan: each layer adds strength·vector to every token's hidden state.
+            What a strength means depends on the vectors' norms (see `normalize` in caa_vectors).
+
+    Returns:
+        {layer: SteeringPlan(add=vector, strength=strength)}; the plans' repr shows the norms.
+    """
     if not isinstance(vectors, Mapping) or not vectors:
         raise ValueError("vectors must be a non-empty {layer: tensor [d]} mapping")
     return {layer: SteeringPlan(add=_check_vector(v, None, f"vectors[{layer}]"), strength=strength)
