@@ -48,13 +48,19 @@ def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 def decode_step(model, prompt: torch.Tensor):
     """A provider: one cached decode step after `prompt`, cache cropped back afterwards."""
+    from transformers import DynamicCache
+
+    from actshift.integrations.transformers import cache_keyword
+
+    cache = DynamicCache(config=model.config)
+    kw = {cache_keyword(model): cache}  # "cache" from transformers 5.24 on
     with torch.no_grad():
-        cache = model(input_ids=prompt, use_cache=True).past_key_values
+        model(input_ids=prompt, use_cache=True, **kw)
     token = prompt[:, -1:]
 
     def step():
         with torch.no_grad():
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            out = model(input_ids=token, use_cache=True, **kw)
         cache.crop(-1)
         return out.logits
 

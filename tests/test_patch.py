@@ -14,6 +14,7 @@ import actshift
 from actshift.integrations import transformers as integ
 
 T = pytest.importorskip("transformers")
+KW = integ.cache_keyword(T.LlamaForCausalLM)  # "cache" (5.24 on) or "past_key_values"
 
 D = 32
 DECODER = dict(vocab_size=100, hidden_size=D, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -339,7 +340,7 @@ def test_on_step_callback_drives_per_step_weights():
 def _prefilled(model, ids, max_len=16):
     cache = T.StaticCache(config=model.config, max_cache_len=max_len)
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **{KW: cache}, use_cache=True)
     return cache
 
 
@@ -350,7 +351,7 @@ def test_compiled_decode_step_matches_eager():
     ids, nxt = torch.randint(3, 100, (2, 5)), torch.randint(3, 100, (2, 1))
 
     def step(tok, cache):
-        return model(input_ids=tok, past_key_values=cache, use_cache=True).logits
+        return model(input_ids=tok, **{KW: cache}, use_cache=True).logits
 
     with torch.no_grad():
         plain = step(nxt, _prefilled(model, ids))
@@ -377,21 +378,21 @@ def test_cuda_graph_decode_step_matches_eager(backend):
         eager_cache, graph_cache = _prefilled(model, ids), _prefilled(model, ids)
         tok = torch.randint(3, 100, (3, 1), device="cuda")
         with torch.no_grad():
-            expected = model(input_ids=tok, past_key_values=eager_cache, use_cache=True).logits
+            expected = model(input_ids=tok, **{KW: eager_cache}, use_cache=True).logits
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm up outside the capture (allocations, autotuning)
                 warm_cache = _prefilled(model, ids)
-                model(input_ids=tok, past_key_values=warm_cache, use_cache=True)
+                model(input_ids=tok, **{KW: warm_cache}, use_cache=True)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out = model(input_ids=tok, past_key_values=graph_cache, use_cache=True).logits
+                out = model(input_ids=tok, **{KW: graph_cache}, use_cache=True).logits
             graph.replay()
             torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)
             # a later weight update reaches the captured graph (same buffers): the next step unsteered
             handle.set_weights(torch.zeros(3, device="cuda"))
-            expected2 = model(input_ids=tok, past_key_values=eager_cache, use_cache=True).logits
+            expected2 = model(input_ids=tok, **{KW: eager_cache}, use_cache=True).logits
             graph.replay()
             torch.testing.assert_close(out, expected2, rtol=1e-3, atol=1e-3)
 

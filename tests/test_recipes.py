@@ -7,12 +7,14 @@ import torch
 from sklearn.decomposition import PCA
 
 import actshift
-from actshift.integrations.transformers import get_handle
+from actshift.integrations.transformers import cache_keyword, get_handle
 from actshift.steering import recipes
 from actshift.steering.plan import SteeringPlan
 
 PAIRS = [("I love you", "I hate you"), ("the dog is happy", "the dog is sad"),
          ("we love it", "we hate it"), ("good cat", "bad cat")]
+
+KW = cache_keyword(pytest.importorskip("transformers").LlamaForCausalLM)  # "cache" (5.24 on) or "past_key_values"
 
 
 def last_token_states(model, tok, texts, index):
@@ -277,8 +279,8 @@ def test_compose_applies_the_callbacks_weights_per_row_and_step():
     def run(model):
         cache = DynamicCache()
         with torch.no_grad():
-            a = model(ids, past_key_values=cache, use_cache=True).logits
-            b = model(nxt, past_key_values=cache, use_cache=True).logits
+            a = model(ids, **{KW: cache}, use_cache=True).logits
+            b = model(nxt, **{KW: cache}, use_cache=True).logits
         return a, b
 
     handle = recipes.compose(model, plans, weights, backend="reference")
@@ -295,9 +297,9 @@ def test_compose_applies_the_callbacks_weights_per_row_and_step():
     cache = DynamicCache()
     with torch.no_grad():
         current.update(a=torch.tensor([1.0, 0.5]), b=torch.tensor([0.0, 3.0]))
-        a = model(ids, past_key_values=cache, use_cache=True).logits
+        a = model(ids, **{KW: cache}, use_cache=True).logits
         current.update(a=torch.tensor([0.0, 1.0]), b=torch.tensor([2.0, 2.0]))
-        b = model(nxt, past_key_values=cache, use_cache=True).logits
+        b = model(nxt, **{KW: cache}, use_cache=True).logits
     for h in hooks:
         h.remove()
     torch.testing.assert_close(got[0], a, rtol=1e-5, atol=1e-5)

@@ -9,6 +9,8 @@ from conftest import assert_close
 
 import actshift
 from actshift import sparse
+from actshift.integrations.transformers import cache_keyword
+from transformers import DynamicCache
 
 GEN_TOKENS = 32
 
@@ -29,8 +31,10 @@ def spy(monkeypatch, name):
 def decode_logits(model, ids):
     """Logits of one decode step (the last token of ids) after a cached prefill of the rest."""
     with torch.no_grad():
-        out = model(input_ids=ids[:, :-1], use_cache=True)
-        return model(input_ids=ids[:, -1:], past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
+        cache = DynamicCache(config=model.config)
+        kw = {cache_keyword(model): cache}
+        model(input_ids=ids[:, :-1], use_cache=True, **kw)
+        return model(input_ids=ids[:, -1:], use_cache=True, **kw).logits[:, -1]
 
 
 def generate(model, prompt):

@@ -335,6 +335,18 @@ CACHE_NAMES = ("cache", "past_key_values")
 _NOT_CACHE = frozenset({"use_cache", "cache_position", "cache_implementation", "cache_config", "return_legacy_cache"})
 
 
+def cache_keyword(model) -> str:
+    """The keyword under which this transformers release's model (an instance or its class) takes
+    the KV cache ("cache" from 5.24 on, "past_key_values" before), for hand-written decode loops
+    that work on both."""
+    params = inspect.signature(model.forward).parameters
+    for name in CACHE_NAMES:
+        if name in params:
+            return name
+    name = model.__name__ if isinstance(model, type) else type(model).__name__
+    raise TypeError(f"{name}.forward takes none of {CACHE_NAMES}: an unknown transformers release")
+
+
 class PastLength:
     """Tokens already in the KV cache of one forward call of a model, however the call passes it:
     as `cache=` or `past_key_values=`, positionally, or only as `cache_position`.
