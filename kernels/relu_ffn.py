@@ -40,6 +40,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ._library import define_op
+from ._math import exp
 from .sparse_linear import finalize, splitk_accumulate
 
 # Activation codes of the schema's `act` (constexpr, so the branches compile away).
@@ -140,7 +141,7 @@ def _gate_up_kernel(
         a = _relu(g)
         a = a * a
     elif ACT == _CATS:
-        s = g / (1.0 + tl.exp(-g))
+        s = tl.div_rn(g, 1.0 + exp(-g))  # as sparse.h's silu: IEEE division, expf
         a = tl.where(tl.abs(s) <= threshold, 0.0, s)
     else:  # _RELU, _DRELU
         a = _relu(g)
