@@ -2,10 +2,13 @@
 # tests and benchmarks need, builds the extension (again only when csrc/ or setup changed; the
 # install is editable, so Python edits need no rebuild), then runs.
 #
-#   make bench       build, run the benchmark suite on the default device, print the table
+#   make bench       build, run the benchmark suite on the default device, print the table (a run
+#                    goes to benchmarks/results/runs/; BENCH_ARGS=--update-results rewrites the committed CSV)
 #   make test        build, run the test suite (CUDA tests skip without a GPU)
 #   make test-gpu    build, run the CUDA and Triton-on-GPU tests (fails without a GPU)
 #   make cuda-check  compile csrc/cuda torch-free for sm_80 and sm_90a, warnings as errors
+#   make gpu-check   on a lent GPU, in <= 8 min: build for its arch, GPU tests, bench every op, write
+#                    benchmarks/results/cuda.csv/.png + logs (scripts/gpu_check.sh; a dry run without GPU)
 #
 # A Python that already imports torch is reused (GPU machines ship a CUDA torch); otherwise a
 # .venv gets the pinned CPU torch. Set PYTHON to choose the interpreter.
@@ -24,10 +27,10 @@ PINNED := torch==2.13.0 triton==3.9.0
 STAMP := build/.stamp-$(shell echo $(PY) | tr '/' '_')
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: bench test test-gpu build deps cuda-check clean
+.PHONY: bench test test-gpu gpu-check build deps cuda-check clean
 
 bench: build
-	$(PY) -m actshift.cli bench
+	$(PY) -m actshift.cli bench $(BENCH_ARGS)
 
 test: build
 	$(PY) -m pytest tests -q
@@ -49,6 +52,9 @@ ifneq ($(HAS_TORCH),yes)
 endif
 	@missing=$$($(PY) scripts/missing_modules.py $(DEPS)); \
 	if [ -n "$$missing" ]; then echo "installing $$missing"; $(PY) -m pip install -q $$missing; fi
+
+gpu-check: deps
+	PY=$(PY) scripts/gpu_check.sh
 
 cuda-check:
 	cmake -S . -B .cmake-build -G Ninja -DCMAKE_BUILD_TYPE=Release
