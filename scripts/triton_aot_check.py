@@ -42,6 +42,7 @@ KNOWN_SPILLS = {
     "steer_program fp32 d=16384": 944,
     "steer_program bf16 d=16384": 648,
     "percentile method=4 fp32 d=16384": 64,
+    "percentile method=4 bf16 d=16384": 64,
     "adascale_stats fp32 d=16384": 168,
     "adascale_stats bf16 d=16384": 496,
 }
@@ -101,13 +102,13 @@ def variants():
         # Inductor passes the float threshold as fp64, eager Triton as fp32.
         for act, gated, t_dt in ((4, True, "fp64"), (2, False, "fp32")):
             for rows in (1, 8, 9):
-                block_r, block_f, block_d, dot = rf._tiles(rows)
+                block_r, block_f, block_d, dot, warps = rf._tiles(rows, getattr(torch, TORCH_NAME[dt]))
                 yield (f"gate_up act={act} {dt} rows={rows}", rf._gate_up_kernel,
                        {"x_ptr": f"*{dt}", "wg_ptr": f"*{dt}", "wu_ptr": f"*{dt}", "bg_ptr": f"*{dt}",
                         "bu_ptr": f"*{dt}", "h_ptr": "*fp32", "rows": "i32", "d": "i32", "ffn": "i32",
                         "x_stride": "i32", "threshold": t_dt},
                        {"ACT": act, "GATED": gated, "HAS_B_GATE": True, "HAS_B_UP": gated, "BLOCK_R": block_r,
-                        "BLOCK_F": block_f, "BLOCK_D": block_d, "USE_DOT": dot}, 4)
+                        "BLOCK_F": block_f, "BLOCK_D": block_d, "USE_DOT": dot}, warps)
         yield (f"finalize {dt}", sl._finalize_kernel,
                {"ws_ptr": "*fp32", "bias_ptr": f"*{dt}", "y_ptr": f"*{dt}", "n_dim": "i32"},
                {"HAS_BIAS": True, "BLOCK_N": 1024}, 4)

@@ -278,10 +278,11 @@ def max_plans(d, gen=None):
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params())
-@pytest.mark.parametrize("d", [16, 17, 33, 127])
+@pytest.mark.parametrize("d", [16, 17, 127])
 def test_max_counts_of_every_part(device, backend, d):
     """The largest plan at small and odd hidden sizes: more read-outs (2 + 16 monitors + 16 ablation
-    dots) than a one-warp CUDA block has threads, every neuron edited, 16 vectors."""
+    dots) than a one-warp CUDA block has threads, every neuron edited, 16 vectors. (Per-row
+    weights in fp32 only: each combination is another Triton compile on a GPU.)"""
     require_backend(backend, device)
     bank = SteeringBank(max_plans(d))
     rows = 7
@@ -290,7 +291,7 @@ def test_max_counts_of_every_part(device, backend, d):
     w = torch.randn(rows, 16, device=device)
     for dtype in dtypes_for(backend, device):
         x = torch.randn(rows, d, device=device).to(dtype)
-        for row_weights in (None, w):
+        for row_weights in (None, w) if dtype == torch.float32 else (None,):
             y, mon = actshift.steer(x, bank, slot=slot, gate=gate, weights=row_weights, return_monitors=True,
                                     backend=backend)
             ey, emon = program_ref(x, bank, gate, slot, row_weights)
