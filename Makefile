@@ -3,11 +3,14 @@
 # the extension (again only when csrc/ or setup changed; the install is editable, so Python edits
 # need no rebuild), then runs.
 #
-#   make bench        build, run the benchmark suite on the default device, print the table
+#   make bench        build, run the benchmark suite on the default device, print the table (a run
+#                     goes to benchmarks/results/runs/; BENCH_ARGS=--update-results rewrites the committed CSV)
 #   make test         build, run the test suite (CUDA tests skip without a GPU)
 #   make test-compat  the integration tests against the oldest supported transformers (.venv-compat)
 #   make test-gpu     build, run the CUDA and Triton-on-GPU tests (fails without a GPU)
 #   make cuda-check   compile csrc/cuda torch-free for sm_80 and sm_90a, warnings as errors
+#   make gpu-check    on a lent GPU, in <= 8 min: build for its arch, GPU tests, bench every op, write
+#                     benchmarks/results/cuda.csv/.png + logs (scripts/gpu_check.sh; a dry run without GPU)
 #
 # A Python that already imports torch is reused (GPU machines ship a CUDA torch); otherwise a
 # .venv gets the pinned CPU torch. Set PYTHON to choose the interpreter.
@@ -33,10 +36,10 @@ INTEGRATION_TESTS := tests/test_patch.py tests/test_patch_cache.py tests/test_ar
 	tests/test_sparse_patch.py tests/test_sparse_calibrate.py tests/test_recipes.py tests/test_extract.py \
 	tests/test_formats.py
 
-.PHONY: bench test test-compat test-gpu build deps cuda-check clean
+.PHONY: bench test test-compat test-gpu gpu-check build deps cuda-check clean
 
 bench: build
-	$(PY) -m actshift.cli bench
+	$(PY) -m actshift.cli bench $(BENCH_ARGS)
 
 test: build
 	$(PY) -m pytest tests -q
@@ -69,6 +72,9 @@ ifneq ($(HAS_TORCH),yes)
 endif
 	$(PY) -m pip install -q --no-deps -r $(LOCK)
 	@mkdir -p build && touch $@
+
+gpu-check: deps
+	PY=$(PY) scripts/gpu_check.sh
 
 cuda-check:
 	cmake -S . -B .cmake-build -G Ninja -DCMAKE_BUILD_TYPE=Release

@@ -68,7 +68,7 @@ def adascale_eager(z, zt, k1, k2):
 
 def cases(device: str, quick: bool) -> Iterator[Case]:
     gen = torch.Generator().manual_seed(0)
-    for dtype in dtypes(device):
+    for dtype in dtypes(device, quick):
         es = torch.tensor([], dtype=dtype).element_size()
         for n, d in shapes(quick):
             shape = f"N={n} D={d}"
@@ -89,7 +89,7 @@ def cases(device: str, quick: bool) -> Iterator[Case]:
                 for b in our_backends(device):
                     providers[f"actshift-{b}"] = lambda b=b, method=method, p=p: actshift.percentile_scale(z, p, method, backend=b)
                 yield Case("percentile_scale", f"{method}@{p:g}", shape, dtype, providers,
-                           bytes_actshift=2 * act, bytes_eager=topk_bytes, peer=QUANTILE)
+                           bytes_actshift=2 * act, bytes_eager=topk_bytes, peer=QUANTILE, bytes_copy=2 * act)
 
             zt = (z + 0.05 * torch.randn(n, d, generator=gen).to(device=device, dtype=dtype)).contiguous()
             k1, k2 = max(1, d // 100), max(1, d * 5 // 100)

@@ -59,7 +59,7 @@ def _case(device, dtype, model, rows, s, w, x0, gen) -> Case:
 def cases(device: str, quick: bool) -> Iterator[Case]:
     gen = torch.Generator().manual_seed(0)
     models = {"llama2-7b": MODELS["llama2-7b"]} if quick else MODELS
-    for dtype in dtypes(device):
+    for dtype in dtypes(device, quick):
         for model, (d, ffn) in models.items():
             w = _weights(d, ffn, gen)
             x0 = torch.randn(d, generator=gen)

@@ -60,7 +60,7 @@ def cases(device: str, quick: bool) -> Iterator[Case]:
     gen = torch.Generator().manual_seed(0)
     shapes = [(4096, 4096)] if quick else SHAPES
     sparsities = (0.5, 0.9) if quick else SPARSITIES
-    for dtype in dtypes(device):
+    for dtype in dtypes(device, quick):
         for n, out in shapes:
             weight_t = (torch.randn(n, out, generator=gen) / n**0.5).to(device=device, dtype=dtype)
             for s in sparsities:

@@ -40,7 +40,7 @@ def shapes(quick: bool) -> list[tuple[int, int]]:
 
 def cases(device: str, quick: bool) -> Iterator[Case]:
     gen = torch.Generator().manual_seed(0)
-    for dtype in dtypes(device):
+    for dtype in dtypes(device, quick):
         es = torch.tensor([], dtype=dtype).element_size()
         for rows, d in shapes(quick):
             shape = f"rows={rows} d={d}"
@@ -62,7 +62,7 @@ def cases(device: str, quick: bool) -> Iterator[Case]:
             providers = {EAGER: add_eager, COMPILE: compiled(add_eager), COPY: lambda: out.copy_(x)}
             for b in our_backends(device):
                 providers[f"actshift-{b}"] = lambda b=b: actshift.steer(x, plans[0], backend=b)
-            yield Case("steer", "add", shape, dtype, providers, bytes_actshift=2 * act, bytes_eager=2 * act)
+            yield Case("steer", "add", shape, dtype, providers, bytes_actshift=2 * act, bytes_eager=2 * act, bytes_copy=2 * act)
 
             def gated_delta(x=x, gate=gate, slot=slot):
                 scale = (gate * (slot >= 0)).to(x.dtype)
@@ -74,7 +74,7 @@ def cases(device: str, quick: bool) -> Iterator[Case]:
             providers = {EAGER: slot_eager, COMPILE: compiled(slot_eager), COPY: lambda: out.copy_(x)}
             for b in our_backends(device):
                 providers[f"actshift-{b}"] = lambda b=b: actshift.steer(x, bank, slot=slot, gate=gate, backend=b)
-            yield Case("steer", "add+gate+slot", shape, dtype, providers, bytes_actshift=2 * act, bytes_eager=6 * act)
+            yield Case("steer", "add+gate+slot", shape, dtype, providers, bytes_actshift=2 * act, bytes_eager=6 * act, bytes_copy=2 * act)
 
             # In place: x drifts by 0.01-sized steps per call, harmless over the timed repetitions.
             def inplace_eager():
@@ -83,15 +83,15 @@ def cases(device: str, quick: bool) -> Iterator[Case]:
             providers = {EAGER: inplace_eager, COMPILE: compiled(inplace_eager), COPY: lambda: out.copy_(x)}
             for b in our_backends(device):
                 providers[f"actshift-{b}"] = lambda b=b: actshift.steer(x, bank, slot=slot, gate=gate, out=x, backend=b)
-            yield Case("steer", "gate+slot inpl", shape, dtype, providers, bytes_actshift=2 * act, bytes_eager=6 * act)
-    yield from program_cases(device)
+            yield Case("steer", "gate+slot inpl", shape, dtype, providers, bytes_actshift=2 * act, bytes_eager=6 * act, bytes_copy=2 * act)
+    yield from program_cases(device, quick)
 
 
-def program_cases(device: str) -> Iterator[Case]:
+def program_cases(device: str, quick: bool = False) -> Iterator[Case]:
     """The full program (see the module docstring) against its eager hook composition."""
     gen = torch.Generator().manual_seed(1)
     d = PROGRAM_D
-    for dtype in dtypes(device):
+    for dtype in dtypes(device, quick):
         es = torch.tensor([], dtype=dtype).element_size()
         u = torch.randn(d, generator=gen)
         u /= u.norm()
@@ -119,7 +119,7 @@ def program_cases(device: str) -> Iterator[Case]:
             for b in our_backends(device):
                 providers[f"actshift-{b}"] = lambda b=b, x=x: actshift.steer(x, plan, return_monitors=True, backend=b)
             yield Case("steer", "program", f"rows={rows} d={d}", dtype, providers,
-                       bytes_actshift=2 * act, bytes_eager=18 * act)
+                       bytes_actshift=2 * act, bytes_eager=18 * act, bytes_copy=2 * act)
 
             # In place (out=x), against the hook that adds its delta into x; x drifts by 0.01-sized
             # steps per call (ablation is idempotent), harmless over the timed repetitions.
@@ -135,4 +135,4 @@ def program_cases(device: str) -> Iterator[Case]:
             for b in our_backends(device):
                 providers[f"actshift-{b}"] = lambda b=b, x=x: actshift.steer(x, plan, out=x, return_monitors=True, backend=b)
             yield Case("steer", "program inpl", f"rows={rows} d={d}", dtype, providers,
-                       bytes_actshift=2 * act, bytes_eager=18 * act)
+                       bytes_actshift=2 * act, bytes_eager=18 * act, bytes_copy=2 * act)

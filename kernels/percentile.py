@@ -39,6 +39,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ._library import define_op
+from ._math import exp
 
 # Largest supported row: at 16 warps, 16384 values and their keys are 32 + 32 registers per thread,
 # and the whole row must stay in registers.
@@ -121,20 +122,20 @@ def _percentile_kernel(
         s2 = s_gt + (k - c_gt).to(tl.float32) * _key_value(t)
         # Checked once per row here rather than by the host (a pass and a sync); NaN fails `<` too.
         finite = tl.sum(tl.where(tl.abs(z) < float("inf"), 0, 1), axis=0) == 0
-        r = tl.where(finite, s1 / s2, float("nan"))
+        r = tl.where(finite, tl.div_rn(s1, s2), float("nan"))
         tl.store(r_ptr + row, r)
         if METHOD != _RATIO:
             # ash_p and ash_s multiply by the mask as the reference does: a dropped element is
             # 0·z (-0.0 for a negative z), and for ash_s NaN when e^r is not finite (s2 = 0 or
             # r > 88), as percentile.h's (kept ? z : 0)·e^r.
             if METHOD == _SCALE:
-                y = z * tl.exp(r)
+                y = z * exp(r)
             elif METHOD == _ASH_P:
                 y = z * kept.to(tl.float32)
             elif METHOD == _ASH_B:
-                y = tl.where(kept, s1 / k.to(tl.float32), 0.0)
+                y = tl.where(kept, tl.div_rn(s1, k.to(tl.float32)), 0.0)
             else:  # _ASH_S
-                y = z * kept.to(tl.float32) * tl.exp(r)
+                y = z * kept.to(tl.float32) * exp(r)
             y = tl.where(finite, y, float("nan"))
             tl.store(y_ptr + row * d + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 

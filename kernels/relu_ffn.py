@@ -40,6 +40,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ._library import define_op
+from ._math import exp
 from .sparse_linear import finalize, splitk_accumulate
 
 # Activation codes of the schema's `act` (constexpr, so the branches compile away).
@@ -56,8 +57,9 @@ _CATS = tl.constexpr(4)
 MAX_SPARSE_ROWS = 8
 
 
-def _tiles(rows: int) -> tuple:
-    """(BLOCK_R, BLOCK_F, BLOCK_D, USE_DOT) of the gate/up kernel for `rows` rows.
+def _tiles(rows: int, dtype: torch.dtype) -> tuple:
+    """(BLOCK_R, BLOCK_F, BLOCK_D, USE_DOT, num_warps) of the gate/up kernel for `rows` rows of x
+    of `dtype`.
 
     One row: a plain GEMV over 16 neurons per program (ffn 11008..28672 gives 688..1792 programs
     at decode), 256 d per step (512 contiguous bytes of each fp16 weight row). 2..8 rows: one
@@ -65,10 +67,13 @@ def _tiles(rows: int) -> tuple:
     practice (the union over 64 rows is nearly dense) that keeps g, u and h in fp32.
     """
     if rows == 1:
-        return 1, 16, 256, False
+        return 1, 16, 256, False, 4
     if rows <= MAX_SPARSE_ROWS:
-        return 16, 16, 256, True
-    return 64, 64, 64, True
+        return 16, 16, 256, True, 4
+    # The 64 x 64 tiles hold g and u accumulators and the x and w tiles at once: over 4 warps
+    # ptxas spilled for sm_90 (5 KB for fp32 CATS, 256 B for bf16), so 8 warps, and for fp32
+    # (twice the bytes per tile) half-depth d steps (scripts/triton_aot_check.py).
+    return 64, 64, 32 if dtype == torch.float32 else 64, True, 8
 
 
 @triton.jit
@@ -140,7 +145,7 @@ def _gate_up_kernel(
         a = _relu(g)
         a = a * a
     elif ACT == _CATS:
-        s = g / (1.0 + tl.exp(-g))
+        s = tl.div_rn(g, 1.0 + exp(-g))  # as sparse.h's silu: IEEE division, expf
         a = tl.where(tl.abs(s) <= threshold, 0.0, s)
     else:  # _RELU, _DRELU
         a = _relu(g)
@@ -175,7 +180,7 @@ def gate_up(
     h = torch.empty((rows, ffn), dtype=torch.float32, device=x.device)
     if rows == 0 or ffn == 0:
         return h
-    block_r, block_f, block_d, use_dot = _tiles(rows)
+    block_r, block_f, block_d, use_dot, num_warps = _tiles(rows, x.dtype)
     block_d = max(16, min(block_d, triton.next_power_of_2(d)))
     grid = (triton.cdiv(ffn, block_f), triton.cdiv(rows, block_r))
     wrap_triton(_gate_up_kernel)[grid](
@@ -198,7 +203,7 @@ def gate_up(
         BLOCK_F=block_f,
         BLOCK_D=block_d,
         USE_DOT=use_dot,
-        num_warps=4,
+        num_warps=num_warps,
     )
     return h
 

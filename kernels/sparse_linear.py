@@ -55,8 +55,8 @@ _PER_CHANNEL = tl.constexpr(2)  # active iff |x| > t[k]
 _BLOCK_K = 32
 
 
-def _tiles(rows: int) -> tuple:
-    """(BLOCK_R, BLOCK_N, USE_DOT) for `rows` rows.
+def _tiles(rows: int, dtype: torch.dtype) -> tuple:
+    """(BLOCK_R, BLOCK_N, USE_DOT, num_warps) for `rows` rows of x of `dtype`.
 
     One row: a broadcast-multiply-sum (a GEMV: no padding rows, 16x fewer FLOPs than a dot).
     2..16 rows: one tl.dot tile of 16 rows (its minimum M on tensor cores), all rows sharing each
@@ -65,10 +65,15 @@ def _tiles(rows: int) -> tuple:
     BLOCK_N 256 is 512 bytes of fp16 per weight row and program: whole sectors, coalesced.
     """
     if rows == 1:
-        return 1, 256, False
+        return 1, 256, False, 4
+    # fp32 operands (an fp32 x, or relu_ffn's fp32 h) take an FMA dot with twice the register
+    # footprint of the half types: at the half-type tiles ptxas spills (255 registers at 16 rows,
+    # 6 KB of stack at 64) for sm_90, so they get half-width tiles over 8 warps
+    # (scripts/triton_aot_check.py reports no spills for every variant).
+    wide = dtype == torch.float32
     if rows <= MAX_SPARSE_ROWS:
-        return 16, 256, True
-    return 64, 128, True
+        return (16, 128, True, 8) if wide else (16, 256, True, 4)
+    return (64, 64, True, 8) if wide else (64, 128, True, 4)
 
 
 # Aim for about this many programs: a few per SM on an H100 (132 SMs), so the memory system stays
@@ -161,7 +166,7 @@ def splitk_accumulate(x: torch.Tensor, weight_t: torch.Tensor, threshold: Option
     ws = torch.zeros((rows, n_dim), dtype=torch.float32, device=x.device)
     if rows == 0 or k_dim == 0 or n_dim == 0:
         return ws
-    block_r, block_n, use_dot = _tiles(rows)
+    block_r, block_n, use_dot, num_warps = _tiles(rows, x.dtype)
     block_n = max(16, min(block_n, triton.next_power_of_2(n_dim)))
     block_k = max(16, min(_BLOCK_K, triton.next_power_of_2(k_dim)))
     n_blocks = triton.cdiv(n_dim, block_n)
@@ -191,7 +196,7 @@ def splitk_accumulate(x: torch.Tensor, weight_t: torch.Tensor, threshold: Option
         BLOCK_K=block_k,
         BLOCK_N=block_n,
         USE_DOT=use_dot,
-        num_warps=4,
+        num_warps=num_warps,
     )
     return ws
 

@@ -174,7 +174,7 @@ def _program_kernel(
     nidx_ptr, nval_ptr, cond_ptr, monitor_ptr, gate_ptr, slot_ptr, roww_ptr,
     d, x_stride, y_stride, S, K, M, N, P,
     HAS_GATE: tl.constexpr, HAS_SLOT: tl.constexpr, HAS_ROW_W: tl.constexpr,
-    HAS_AFFINE: tl.constexpr, HAS_COND: tl.constexpr, IN_PLACE: tl.constexpr,
+    HAS_AFFINE: tl.constexpr, HAS_COND: tl.constexpr, HAS_MON: tl.constexpr, IN_PLACE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride cannot overflow
@@ -198,7 +198,8 @@ def _program_kernel(
     for i in range(p):
         mi = tl.load(monitor_ptr + (s * P + i) * d + cols, mask=mask, other=0.0)
         mon = tl.where(pcols == i, tl.sum(x * mi, axis=0), mon)
-    tl.store(mon_ptr + row * P + pcols, mon, mask=pcols < P)
+    if HAS_MON:  # without monitors mon_ptr is a dummy: no store at all, so nothing looks mutated
+        tl.store(mon_ptr + row * P + pcols, mon, mask=pcols < P)
     x_sq = tl.sum(x * x, axis=0)
     g = tl.full((), 1.0, tl.float32)
     if HAS_GATE:
@@ -266,6 +267,15 @@ def _program_kernel(
     tl.store(y_ptr + row * y_stride + idx, (yn * f).to(x_raw.dtype), mask=nmask)
 
 
+def program_config(d: int) -> Tuple[int, int]:
+    """(BLOCK_D, num_warps) of the program kernel for rows of d values."""
+    block_d = triton.next_power_of_2(d)
+    # One warp per 256 values (8 per thread), up to 16 warps. At 16 values per thread (one warp
+    # per 512) ptxas held x, z and the plan rows in 128 registers by spilling at d = 4096
+    # (scripts/triton_aot_check.py, sm_90). d = 16384 still spills at 16 warps.
+    return block_d, max(1, min(16, block_d // 256))
+
+
 def steer_program(
     x: torch.Tensor,
     meta: torch.Tensor,
@@ -308,9 +318,9 @@ def steer_program(
         return t if t.numel() > 0 else dummy
 
     f32, i32 = scalars, meta
-    block_d = triton.next_power_of_2(d)
+    block_d, num_warps = program_config(d)
     wrap_triton(_program_kernel)[(rows,)](
-        x, y, mon if P > 0 else f32,
+        x, y, mon if P > 0 else x,
         meta, scalars, some(ablate, f32), some(targets, f32), some(affine, f32), some(vectors, f32),
         some(weights, f32), some(neuron_idx, i32), some(neuron_val, f32), some(condition, f32),
         some(monitor, f32),
@@ -324,13 +334,12 @@ def steer_program(
         HAS_ROW_W=row_weights is not None,
         HAS_AFFINE=affine.shape[1] == 2,
         HAS_COND=condition.shape[1] == 1,
+        HAS_MON=P > 0,
         IN_PLACE=in_place,
         BLOCK_D=block_d,
         BLOCK_N=triton.next_power_of_2(max(neuron_idx.shape[1], 1)),
         BLOCK_P=triton.next_power_of_2(max(P, 1)),
-        # One warp per 512 values (16 per thread): each dot product is a block reduction, and
-        # fewer, fuller warps exchange less across warps.
-        num_warps=max(1, min(16, block_d // 512)),
+        num_warps=num_warps,
     )
     return y, mon
 

@@ -43,11 +43,24 @@ def dtypes_for(backend: str, device: str) -> list[torch.dtype]:
     return [torch.float32, torch.float16, torch.bfloat16]
 
 
+def cpu_triton_skip_reason() -> str:
+    """Why Triton cannot run CPU tensors in this process ("" when it can). Interpreter mode is
+    process-wide: on a GPU machine it stays off so that Triton compiles for the GPU, and the
+    cpu x triton cases skip there (their cuda-triton twins run instead)."""
+    if backends.triton_interpret() or not torch.cuda.is_available():
+        return ""  # without a GPU the interpreter is on (above), and a missing one must fail
+    return "Triton runs CPU tensors only under TRITON_INTERPRET=1, which stays off on a GPU machine"
+
+
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    cpu_triton = cpu_triton_skip_reason()
     for item in items:
         if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_cuda)
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if cpu_triton and params.get("device") == "cpu" and params.get("backend") == "triton":
+            item.add_marker(pytest.mark.skip(reason=cpu_triton))
 
 
 @pytest.fixture(autouse=True)
@@ -59,6 +72,9 @@ def _seed_and_reset():
 
 
 def require_backend(backend: str, device: str) -> None:
-    """Fails (not skips) when a backend that must exist on this machine is missing."""
+    """Fails (not skips) when a backend that must exist on this machine is missing; skips only
+    Triton on CPU tensors where the interpreter is off (a GPU machine)."""
+    if backend == "triton" and device == "cpu" and cpu_triton_skip_reason():
+        pytest.skip(cpu_triton_skip_reason())
     reason = backends.unavailable_reason(backend, torch.device(device))
     assert not reason, f"backend {backend} unavailable on {device}: {reason}"

@@ -1,12 +1,8 @@
 """Triton-specific cases of the sparse ops (kernels/sparse_threshold.py, sparse_linear.py,
 relu_ffn.py), beyond the backend-parametrized tests of test_sparse_*.py / test_relu_ffn.py: tile
 and split-K boundaries, several K blocks per program, several row blocks, empty dims, the
-custom-op machinery of the `_triton` ops, and (slow) that every kernel variant compiles for sm_90."""
+custom-op machinery of the `_triton` ops (tests/test_triton_gpu.py compiles every variant for sm_90)."""
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -172,49 +168,3 @@ def test_torch_compile_fullgraph_triton(kernels):
         return actshift.relu_ffn(y, wg, wu, wd, "relu2", b_gate=bg, b_up=bu, b_down=bd, backend="triton") + 1
 
     assert_close(torch.compile(f, fullgraph=True)(x), f(x), torch.float32)
-
-
-# Every kernel variant the launchers can pick, compiled for sm_90 with Triton's own ptxas: no GPU
-# needed, and it catches what the interpreter accepts but the compiler rejects (dot shapes,
-# layouts, dtype mixes). A child process, since this one runs Triton in interpreter mode.
-_AOT_SCRIPT = textwrap.dedent(
-    """
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from actshift.kernels import relu_ffn as rf, sparse_linear as sl, sparse_threshold as st
-
-    def build(fn, sig, consts):
-        sig = dict(sig, **{name: "constexpr" for name in consts})
-        src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
-        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-
-    for dt in ("fp32", "fp16", "bf16"):
-        build(st._sparse_threshold_kernel, {"x_ptr": f"*{dt}", "t_ptr": "*fp32", "y_ptr": f"*{dt}", "n": "i32",
-              "x_stride": "i32"}, {"PER_CHANNEL": True, "BLOCK_N": 1024})
-        build(sl._finalize_kernel, {"ws_ptr": "*fp32", "bias_ptr": f"*{dt}", "y_ptr": f"*{dt}", "n_dim": "i32"},
-              {"HAS_BIAS": True, "BLOCK_N": 1024})
-        for x_dt, mode in ((dt, 2), ("fp32", 0)):  # sparse_linear; relu_ffn's down over fp32 h
-            for rows in (1, 16, 17) if mode == 0 else (1, 16):
-                block_r, block_n, dot = sl._tiles(rows)
-                build(sl._splitk_kernel, {"x_ptr": f"*{x_dt}", "w_ptr": f"*{dt}", "t_ptr": "*fp32", "ws_ptr": "*fp32",
-                      "rows": "i32", "k_dim": "i32", "n_dim": "i32", "x_stride": "i32", "k_blocks_per_program": "i32"},
-                      {"MODE": mode, "BLOCK_R": block_r, "BLOCK_K": sl._BLOCK_K, "BLOCK_N": block_n, "USE_DOT": dot})
-        # Inductor passes the float threshold as fp64, eager Triton as fp32.
-        for act, gated, t_dt in ((4, True, "fp64"), (2, False, "fp32")):
-            for rows in (1, 8, 9):
-                block_r, block_f, block_d, dot = rf._tiles(rows)
-                build(rf._gate_up_kernel, {"x_ptr": f"*{dt}", "wg_ptr": f"*{dt}", "wu_ptr": f"*{dt}", "bg_ptr": f"*{dt}",
-                      "bu_ptr": f"*{dt}", "h_ptr": "*fp32", "rows": "i32", "d": "i32", "ffn": "i32", "x_stride": "i32",
-                      "threshold": t_dt}, {"ACT": act, "GATED": gated, "HAS_B_GATE": True, "HAS_B_UP": gated,
-                      "BLOCK_R": block_r, "BLOCK_F": block_f, "BLOCK_D": block_d, "USE_DOT": dot})
-    print("compiled")
-    """
-)
-
-
-@pytest.mark.slow
-def test_every_kernel_variant_compiles_for_sm90():
-    pytest.importorskip("triton.backends.nvidia")
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    done = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-4000:]

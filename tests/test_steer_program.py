@@ -261,6 +261,49 @@ def test_matches_reference(device, backend, shape):
         assert torch.equal(y.reshape(-1, d)[untouched], x.reshape(-1, d)[untouched])
 
 
+def max_plans(d, gen=None):
+    """Every part at its largest count (16 ablation directions with targets, 16 add vectors,
+    16 monitors, every neuron), with each condition kind and renorm."""
+    g = gen
+    full = lambda: (SteeringPlan(add=torch.randn(16, d, generator=g), weights=torch.linspace(-1, 1, 16),  # noqa: E731
+                                 strength=0.9)
+                    .ablate(orthonormal(16, d, g), targets=torch.linspace(-0.5, 0.5, 16))
+                    .affine(torch.rand(d, generator=g) + 0.5, torch.randn(d, generator=g))
+                    .neurons(torch.randperm(d, generator=g), mul=torch.linspace(-2, 2, d), add=0.25)
+                    .monitor(torch.randn(16, d, generator=g)))
+    return [full().condition(torch.randn(d, generator=g), threshold=-0.5),
+            full().condition(torch.randn(d, generator=g), threshold=1.0, kind="projection", compare="<"),
+            SteeringPlan(add=torch.randn(16, d, generator=g), strength=0.5, renorm=True)
+            .ablate(orthonormal(16, d, g)).monitor(torch.randn(16, d, generator=g))]
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("d", [16, 17, 127])
+def test_max_counts_of_every_part(device, backend, d):
+    """The largest plan at small and odd hidden sizes: more read-outs (2 + 16 monitors + 16 ablation
+    dots) than a one-warp CUDA block has threads, every neuron edited, 16 vectors. (Per-row
+    weights in fp32 only: each combination is another Triton compile on a GPU.)"""
+    require_backend(backend, device)
+    bank = SteeringBank(max_plans(d))
+    rows = 7
+    slot = torch.tensor([0, 1, 2, -1, 2, 1, 0], device=device)
+    gate = torch.rand(rows, device=device) + 0.5
+    w = torch.randn(rows, 16, device=device)
+    for dtype in dtypes_for(backend, device):
+        x = torch.randn(rows, d, device=device).to(dtype)
+        for row_weights in (None, w) if dtype == torch.float32 else (None,):
+            y, mon = actshift.steer(x, bank, slot=slot, gate=gate, weights=row_weights, return_monitors=True,
+                                    backend=backend)
+            ey, emon = program_ref(x, bank, gate, slot, row_weights)
+            assert mon.shape == (rows, 16)
+            assert_close(y, ey, dtype)
+            torch.testing.assert_close(mon, emon, rtol=1e-4, atol=1e-4)
+    # The additive op with 16 vectors per plan.
+    plan = SteeringPlan(add=torch.randn(16, d), weights=torch.linspace(-1, 1, 16), strength=0.7)
+    x = torch.randn(rows, d, device=device)
+    assert_close(actshift.steer(x, plan, backend=backend), ref(x, plan), torch.float32)
+
+
 @pytest.mark.parametrize("device,backend", device_backend_params())
 def test_per_row_weights_and_no_slot(device, backend):
     require_backend(backend, device)

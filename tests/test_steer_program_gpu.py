@@ -210,16 +210,18 @@ def test_gpu_large_rows_and_bank(backend, dtype):
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_cuda_graph_capture(backend):
-    """The program captures into a CUDA graph (no host sync) and replays on new inputs."""
+    """The program captures into a CUDA graph (no host sync, per-row weights included) and replays
+    on new inputs."""
     require_backend(backend, "cuda")
     d = 1024
     bank = SteeringBank(full_plans(d))
     x = torch.randn(16, d, device="cuda", dtype=torch.float16)
     slot = torch.randint(-1, len(bank), (16,), device="cuda")
+    w = torch.randn(16, bank.max_vectors, device="cuda")
     out = torch.empty_like(x)
 
     def step():
-        return actshift.steer(x, bank, slot=slot, out=out, return_monitors=True, backend=backend)[1]
+        return actshift.steer(x, bank, slot=slot, weights=w, out=out, return_monitors=True, backend=backend)[1]
 
     step()  # warm up: registration, compilation, cached bank tensors
     torch.cuda.synchronize()
@@ -228,8 +230,9 @@ def test_gpu_cuda_graph_capture(backend):
         mon = step()
     x.copy_(torch.randn_like(x))
     slot.copy_(torch.randint(-1, len(bank), (16,), device="cuda"))
+    w.copy_(torch.randn_like(w))
     graph.replay()
-    ey, emon = program_ref(x, bank, None, slot)
+    ey, emon = program_ref(x, bank, None, slot, w)
     assert_close(out, ey, torch.float16)
     torch.testing.assert_close(mon, emon, rtol=1e-2, atol=1e-2)
 

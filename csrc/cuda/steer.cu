@@ -321,10 +321,11 @@ __global__ void __launch_bounds__(kProgramThreads) program_kernel(const ProgramP
       if (lane == 0) partial[j][warp] = acc[j];
     }
     __syncthreads();
-    if (tid < kReadouts) {
+    // Strided: a row of d <= 128 runs a single warp, fewer threads than read-outs.
+    for (int j = tid; j < kReadouts; j += blockDim.x) {
       float total = 0.0f;
-      for (int w = 0; w < nwarps; ++w) total += partial[tid][w];
-      read[tid] = total;
+      for (int w = 0; w < nwarps; ++w) total += partial[j][w];
+      read[j] = total;
     }
     __syncthreads();
 

@@ -38,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     bench.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
     bench.add_argument("--out", default="benchmarks/results",
-                       help="folder for the CSV and the plot (default: %(default)s, relative to the current directory)")
+                       help="results folder (default: %(default)s, relative to the current directory): a run "
+                            "writes runs/<device>-<date>.csv/.png under it")
+    bench.add_argument("--update-results", action="store_true",
+                       help="write <out>/<device>.csv/.png instead (the committed results)")
     ood_eval = sub.add_parser("ood-eval", help="offline OOD evaluation on scikit-learn's digits")
     ood_eval.add_argument("--seed", type=int, default=0, help="data split, noise and training seed")
     ood_eval.add_argument("--epochs", type=_positive_int, default=60, help="classifier training epochs")
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .benchmarks.run import run
 
-    return run(ops=args.op, device=args.device, quick=args.quick, out_dir=args.out)
+    return run(ops=args.op, device=args.device, quick=args.quick, out_dir=args.out, update_results=args.update_results)
 
 
 if __name__ == "__main__":

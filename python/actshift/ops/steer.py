@@ -307,7 +307,9 @@ def _check_row_weights(weights, x2: torch.Tensor, M: int) -> torch.Tensor:
         weights = weights.reshape(rows, M)
     else:
         raise ValueError(f"weights must be [{M}] or one row of {M} per row of x ([..., {M}]), got {tuple(weights.shape)}")
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(weights).all()):
+    # A device sync on GPU: skipped while torch.compile traces or a CUDA graph captures.
+    capturing = weights.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not torch.compiler.is_compiling() and not capturing and not bool(torch.isfinite(weights).all()):
         raise ValueError("weights contains NaN or Inf")
     return weights.float().contiguous()
 
