@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext, backends, reference
+from . import _autograd
 from ..backends import BackendUnavailableError
 from ..steering.plan import MAX_VECTORS, SteeringBank, as_bank
 
@@ -39,6 +40,11 @@ if _ext.EXT_LOADED:
                                 neuron_val, condition, monitor, gate, slot, row_weights, out):
         return x.new_empty((x.shape[0], monitor.shape[1]), dtype=torch.float32)
 
+    _autograd.register("steer")
+    _autograd.register("steer_program")
+    _autograd.register_out("steer_out")
+    _autograd.register_out("steer_program_out")
+
 
 def _triton_ready() -> bool:
     """Registers the Triton op once, where Triton can run (GPU, or the CPU interpreter)."""
@@ -48,6 +54,8 @@ def _triton_ready() -> bool:
         from ..kernels import steer as triton_steer
 
         triton_steer.register()
+        _autograd.register("steer_triton")
+        _autograd.register("steer_program_triton")
     return True
 
 
@@ -151,19 +159,28 @@ def _run(x, vectors, weights, strength, gate, slot, out, backend: str, check_slo
     name = backends.resolve(backend, x2.device)
     if slot is not None and check_slots and name != "cpu":  # the C++ CPU kernel checks while it runs
         _check_slot_values(slot, vectors.shape[0])
+    if out2 is not None:
+        _autograd.check_inplace(out)
+        if _autograd.needs_grad(x2, vectors, weights, strength, gate, out2):
+            # In place with autograd: the op on a copy of x (its saved input must not be
+            # overwritten), then copy_ records the write in out's history as torch's in-place ops do.
+            out2.copy_(_run(x2.clone(), vectors, weights, strength, gate, slot, None, name, False))
+            return out
     if name == "reference":
         y = reference.steer(x2, vectors, weights, strength, gate, slot)
     elif name == "triton":
         _triton_ready()
         if out2 is not None:
-            torch.ops.actshift.steer_triton_out(x2, vectors, weights, strength, gate, slot, out2, out is x)
+            _autograd.call(torch.ops.actshift.steer_triton_out, x2, vectors, weights, strength, gate, slot, out2, out is x)
+            _autograd.mark_written(out)
             return out
-        y = torch.ops.actshift.steer_triton(x2, vectors, weights, strength, gate, slot)
+        y = _autograd.call(torch.ops.actshift.steer_triton, x2, vectors, weights, strength, gate, slot)
     elif out2 is not None:
-        torch.ops.actshift.steer_out(x2, vectors, weights, strength, gate, slot, out2)
+        _autograd.call(torch.ops.actshift.steer_out, x2, vectors, weights, strength, gate, slot, out2)
+        _autograd.mark_written(out)
         return out
     else:
-        y = torch.ops.actshift.steer(x2, vectors, weights, strength, gate, slot)
+        y = _autograd.call(torch.ops.actshift.steer, x2, vectors, weights, strength, gate, slot)
     if out2 is not None:  # reference backend
         out2.copy_(y)
         return out
@@ -257,19 +274,28 @@ def _run_program(x, bank: SteeringBank, gate, slot, weights, out, backend: str):
     prog = bank.program(x2.device, folded=row_weights is None)
     if slot is not None and name != "cpu":  # the C++ CPU kernel checks while it runs
         _check_slot_values(slot, len(bank))
+    if out2 is not None:
+        _autograd.check_inplace(out)
+        if _autograd.needs_grad(x2, *prog, gate, row_weights, out2):  # as in _run
+            y, monitors = _run_program(x2.clone(), bank, gate, slot, row_weights, None, name)
+            out2.copy_(y)
+            return out, monitors.view(*shape[:-1], monitors.shape[-1])
     if name == "reference":
         y, monitors = reference.steer_program(x2, *prog, gate, slot, row_weights)
         if out2 is not None:
             out2.copy_(y)
     elif name == "triton":
         if out2 is not None:
-            monitors = torch.ops.actshift.steer_program_triton_out(x2, *prog, gate, slot, row_weights, out2, out is x)
+            monitors = _autograd.call(torch.ops.actshift.steer_program_triton_out, x2, *prog, gate, slot, row_weights,
+                                      out2, out is x)
+            _autograd.mark_written(out)
         else:
-            y, monitors = torch.ops.actshift.steer_program_triton(x2, *prog, gate, slot, row_weights)
+            y, monitors = _autograd.call(torch.ops.actshift.steer_program_triton, x2, *prog, gate, slot, row_weights)
     elif out2 is not None:
-        monitors = torch.ops.actshift.steer_program_out(x2, *prog, gate, slot, row_weights, out2)
+        monitors = _autograd.call(torch.ops.actshift.steer_program_out, x2, *prog, gate, slot, row_weights, out2)
+        _autograd.mark_written(out)
     else:
-        y, monitors = torch.ops.actshift.steer_program(x2, *prog, gate, slot, row_weights)
+        y, monitors = _autograd.call(torch.ops.actshift.steer_program, x2, *prog, gate, slot, row_weights)
     monitors = monitors.view(*shape[:-1], monitors.shape[-1])
     if out2 is not None:
         return out, monitors
