@@ -324,3 +324,21 @@ def test_out_with_autograd_matches_out_of_place(backend, kind):
     x2 = x.detach().clone().requires_grad_(True)
     actshift.steer(x2 * 1.5, plan, backend="reference").square().sum().backward()
     torch.testing.assert_close(x.grad, x2.grad, **GRAD_TOL)
+
+
+def test_opcheck_with_inputs_that_require_grad():
+    """torch's own checks of the autograd registration (including AOT dispatch, i.e. torch.compile)."""
+    d = 16
+    x = torch.randn(4, d, requires_grad=True)
+    w, b = torch.randn(d, 8, requires_grad=True), torch.randn(8, requires_grad=True)
+    ops = torch.ops.actshift
+    torch.library.opcheck(ops.sparse_threshold.default, (x, torch.tensor([0.5])))
+    torch.library.opcheck(ops.sparse_linear.default, (x, w, torch.tensor([0.5]), b))
+    torch.library.opcheck(ops.relu_ffn.default, (x, torch.randn(32, d, requires_grad=True), torch.randn(32, d),
+                                                 torch.randn(32, d, requires_grad=True), 1, 0.2, None, None, None))
+    bank = _full_bank(d)
+    prog = bank.program(torch.device("cpu"), folded=False)
+    torch.library.opcheck(ops.steer_program.default, (x, *prog, torch.rand(4, requires_grad=True),
+                                                      torch.tensor([0, 1, -1, 0]), torch.randn(4, 3, requires_grad=True)))
+    torch.library.opcheck(ops.steer.default, (x, torch.randn(2, 3, d), torch.randn(2, 3, requires_grad=True),
+                                              torch.ones(2), None, torch.tensor([1, 0, 1, -1])))

@@ -131,7 +131,11 @@ def needs_grad(*args) -> bool:
 
 
 def check_inplace(out: torch.Tensor) -> None:
-    """torch's rules for writing into `out` in place (what its own in-place ops enforce)."""
+    """torch's rules for writing into `out` in place (what its own in-place ops enforce). Skipped while
+    torch.compile traces: Dynamo cannot trace is_inference(), and the compiled graph writes `out`
+    back with torch's own copy_, which applies them."""
+    if torch.compiler.is_compiling():
+        return
     if out.is_inference() and not torch.is_inference_mode_enabled():
         raise RuntimeError("out: an inference tensor cannot be updated in place outside InferenceMode "
                            "(clone it first, or run under torch.inference_mode())")
@@ -142,5 +146,7 @@ def check_inplace(out: torch.Tensor) -> None:
 
 def mark_written(out: torch.Tensor) -> None:
     """Bumps out's version counter after a kernel wrote it, so a backward that saved it raises
-    instead of silently using the new values (inference tensors have no counter: a no-op)."""
-    torch._C._increment_version((out,))
+    instead of silently using the new values (inference tensors have no counter: a no-op; under
+    torch.compile the graph's own copy_ into `out` bumps it)."""
+    if not torch.compiler.is_compiling():
+        torch._C._increment_version((out,))
