@@ -1,5 +1,6 @@
 """Hostile files: every loader validates what it reads and raises a ValueError naming the problem
 (issue 14, items 12-14). Each test builds the malformed file itself."""
+import json
 import struct
 
 import numpy as np
@@ -54,6 +55,36 @@ def test_load_rejects_hostile_vectors(tmp_path, tensors, meta, match):
     path = _vectors_file(tmp_path / "bad.safetensors", tensors, **meta)
     with pytest.raises(ValueError, match=match):
         load(path)
+
+
+def _plans_file(tmp_path, fields, kind="plans"):
+    path = tmp_path / "p.safetensors"
+    save_file({"t": torch.ones(4)}, str(path), metadata={FORMAT_KEY: kind, "plan_fields": fields})
+    return path
+
+
+_PLAN = {"vectors": {"tensor": "t"}, "strength": {"value": 2.0}}
+
+
+@pytest.mark.parametrize("fields, kind, match", [
+    (json.dumps({"1": _PLAN, "01": _PLAN}), "plans", "'01'"),
+    (json.dumps({"\u0663": _PLAN}), "plans", "plan key"),
+    (json.dumps({"-1": _PLAN}), "plans", "'-1'"),
+    ("{not json", "plans", "not JSON"),
+    (json.dumps({}), "plans", "at least one plan"),
+    (json.dumps({"1": {"vectors": {"tensor": "t"}}}), "plans", "malformed"),
+    (json.dumps({"1": {"vectors": {"tensor": "missing"}, "strength": {"value": 1.0}}}), "plans", "malformed"),
+    (json.dumps({"1": {"vectors": {"tensor": "t"}, "strength": {"value": "2"}}}), "plans", "malformed"),
+    (json.dumps({"vectors": {"tensor": "t"}, "strength": {"value": float("nan")}}), "plan", "finite"),
+])
+def test_load_rejects_hostile_plans(tmp_path, fields, kind, match):
+    with pytest.raises(ValueError, match=match):
+        load(_plans_file(tmp_path, fields, kind))
+
+
+def test_load_plans_valid(tmp_path):
+    data, _ = load(_plans_file(tmp_path, json.dumps({"3": _PLAN, "0": _PLAN})))
+    assert list(data) == [0, 3] and data[3].strength == 2.0
 
 
 # --- import_gguf -------------------------------------------------------------------------------------

@@ -183,6 +183,29 @@ def _build_plan(fields: dict, tensors: Mapping[str, torch.Tensor]) -> SteeringPl
     return plan
 
 
+def _file_plans(kind: str, meta: Mapping[str, str], tensors: Mapping[str, torch.Tensor], where: str):
+    """The plan(s) of a "plans" / "plan" file, rebuilt through the builders (which validate them);
+    a malformed description is a ValueError naming the file and the layer."""
+    try:
+        fields = json.loads(meta["plan_fields"])
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{where}: plan_fields metadata is missing or not JSON ({e})") from None
+    if kind == "plan":
+        fields = {None: fields}
+    if not isinstance(fields, dict) or not fields:
+        raise ValueError(f"{where}: plan_fields must describe at least one plan")
+    data = {}
+    for key, spec in fields.items():
+        layer = key if kind == "plan" else _layer_index(key)
+        if kind == "plans" and layer is None:
+            raise ValueError(f"{where}: plan key {key!r} is not a layer index (non-negative, no leading zeros)")
+        try:
+            data[layer] = _build_plan(spec, tensors)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{where}: plan {key!r} is malformed ({type(e).__name__}: {e})") from None
+    return data[None] if kind == "plan" else dict(sorted(data.items()))
+
+
 def load(path: str | os.PathLike, *, model=None):
     """Reads a file written by `save`: returns (data, metadata).
 
@@ -195,12 +218,11 @@ def load(path: str | os.PathLike, *, model=None):
         meta = dict(f.metadata() or {})
         tensors = {key: f.get_tensor(key) for key in f.keys()}
     kind = meta.get(FORMAT_KEY)
+    where = f"path {os.fspath(path)}"
     if kind == "vectors":
-        data = _file_vectors(tensors, meta, f"path {os.fspath(path)}")
-    elif kind == "plans":
-        data = {int(layer): _build_plan(fields, tensors) for layer, fields in json.loads(meta["plan_fields"]).items()}
-    elif kind == "plan":
-        data = _build_plan(json.loads(meta["plan_fields"]), tensors)
+        data = _file_vectors(tensors, meta, where)
+    elif kind in ("plans", "plan"):
+        data = _file_plans(kind, meta, tensors, where)
     else:
         raise ValueError(f"path: {os.fspath(path)} is not an actshift steering file (no {FORMAT_KEY} metadata)")
     if model is not None:
