@@ -5,10 +5,10 @@ enable_grad on the saved inputs and differentiates it: one formula source, so a 
 drift from what the forward computes. The recompute costs one reference forward per backward,
 which is what training pays anyway; inference never runs it.
 
-The registered autograd kernel is Python and costs 20-40 µs of host time per call even under
-no_grad (measured on torch 2.13, CPU), several times a decode step's kernel. `call` therefore
-runs the op below the autograd key whenever no gradient can be needed, so only calls that build
-a graph pay it; direct torch.ops calls always get the registered formula.
+The registered autograd kernel is Python: through it a small op costs ~10 µs of host time even
+under no_grad, against ~3 µs for the C++ op before (torch 2.13, CPU, sparse_threshold [1, 64]).
+`call` therefore runs the op below the autograd key whenever no gradient can be needed (~4.6 µs),
+so only calls that build a graph pay it; direct torch.ops calls always get the registered formula.
 """
 from __future__ import annotations
 
