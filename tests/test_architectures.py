@@ -128,5 +128,5 @@ def test_unsupported_model_type_names_the_supported_ones():
     model.config.model_type = "mamba"
     with pytest.raises(ValueError, match="'mamba' is not supported; supported: .*llama"):
         A.architecture(model)
-    with pytest.raises(TypeError, match="model must be a transformers PreTrainedModel"):
+    with pytest.raises(ValueError, match="model must be a transformers PreTrainedModel"):
         A.architecture(torch.nn.Linear(2, 2))

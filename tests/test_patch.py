@@ -421,7 +421,7 @@ def test_bad_inputs_name_the_argument():
         actshift.patch(model, steering="add")
     with pytest.raises(TypeError, match="plan must be"):
         actshift.SteeringSite(plan=torch.randn(D))
-    with pytest.raises(TypeError, match="model must be"):
+    with pytest.raises(ValueError, match="model must be a transformers PreTrainedModel"):  # as every integration
         actshift.patch(torch.nn.Linear(2, 2), steering=plan)
     with pytest.raises(ValueError, match="not patched"):
         actshift.unpatch(model)

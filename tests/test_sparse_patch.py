@@ -277,7 +277,7 @@ def test_bad_input():
         sparse.patch_sparsity(model, sparse.Thresholds.constant(model, 0.0), prefill="half")
     with pytest.raises(ValueError, match="mode"):
         sparse.patch_ffn(model, "cats")
-    with pytest.raises(TypeError, match="model must be a transformers PreTrainedModel"):  # as actshift.patch
+    with pytest.raises(ValueError, match="model must be a transformers PreTrainedModel"):
         sparse.patch_sparsity(torch.nn.Sequential(torch.nn.Linear(4, 4)), sparse.Thresholds({(0, "qkv"): 0.1}))
     with pytest.raises(ValueError, match="threshold"):
         sparse.SparseLinear(torch.nn.Linear(4, 4), -0.1)

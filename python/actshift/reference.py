@@ -1,11 +1,17 @@
 """Pure-PyTorch reference implementations: the executable truth of every op contract.
 
-Each function computes in fp32 and returns the input's dtype. They are the `reference` backend and
+Each function computes in fp32 (fp64 for fp64 inputs, so gradcheck can use them as the
+oracle of the ops' backward) and returns the input's dtype. They are the `reference` backend and
 the oracle of the tests; kernels must match them within the tolerance table of the README.
 """
 from __future__ import annotations
 
 import torch
+
+
+def _wide(x: torch.Tensor) -> torch.dtype:
+    """The compute dtype for input x: fp32, or fp64 when x is fp64."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def steer(
@@ -26,10 +32,11 @@ def steer(
     s = torch.zeros(rows, dtype=torch.long, device=x.device) if slot is None else slot.long()
     keep = (s < 0) | (s >= vectors.shape[0])
     s = torch.where(keep, 0, s)
-    g = torch.ones(rows, device=x.device) if gate is None else gate.float()
+    ct = _wide(x)
+    g = torch.ones(rows, device=x.device, dtype=ct) if gate is None else gate.to(ct)
     coef = (strength[s] * g)[:, None] * weights[s]  # [rows, m]
     delta = torch.einsum("rm,rmd->rd", coef, vectors[s])
-    y = (x.float() + delta).to(x.dtype)
+    y = (x.to(ct) + delta).to(x.dtype)
     return torch.where(keep[:, None], x, y)
 
 
@@ -64,8 +71,8 @@ def steer_program(
     Every dot product reads the input row x; y = x + λ·g·(z − x) with z the program applied to x.
     """
     rows, d = x.shape
-    S, dev = meta.shape[0], x.device
-    xf = x.float()
+    S, dev, ct = meta.shape[0], x.device, _wide(x)
+    xf = x.to(ct)
     s = torch.zeros(rows, dtype=torch.long, device=dev) if slot is None else slot.long()
     keep = (s < 0) | (s >= S)
     s = torch.where(keep, 0, s)
@@ -83,18 +90,18 @@ def steer_program(
     norm = xf.pow(2).sum(1).sqrt()
     U = ablate[s]
     ablate_coef = (torch.einsum("rd,rkd->rk", xf, U) - targets[s]) * first(meta_r[:, 1], ablate.shape[1])
-    cond = torch.ones(rows, device=dev)
+    cond = torch.ones(rows, device=dev, dtype=ct)
     if condition.shape[1] == 1:
         dot = (xf * condition[s, 0]).sum(1)
         score = torch.where(has(STEER_COSINE), torch.where(norm > 0, dot / norm, 0.0), dot)
         thr = scalars[s, 1]
         holds = torch.where(has(STEER_LESS), score < thr, score > thr)
-        cond = torch.where(has(STEER_CONDITION), holds.float(), 1.0)
+        cond = torch.where(has(STEER_CONDITION), holds.to(ct), 1.0)
     # The program.
     z = xf - torch.einsum("rk,rkd->rd", ablate_coef, U)
     if affine.shape[1] == 2:
         z = torch.where(has(STEER_AFFINE)[:, None], affine[s, 0] * z + affine[s, 1], z)
-    w = weights[s] if row_weights is None else row_weights.float()
+    w = weights[s] if row_weights is None else row_weights.to(ct)
     z = z + torch.einsum("rm,rmd->rd", w * first(meta_r[:, 2], vectors.shape[1]), vectors[s])
     if neuron_idx.shape[1] > 0:
         idx = neuron_idx.long()[s]
@@ -102,7 +109,7 @@ def steer_program(
         edited = neuron_val[s, 0] * picked + neuron_val[s, 1]
         # Indices are unique within a plan and padding contributes 0, so adding the change is exact.
         z = z.scatter_add(1, idx, (edited - picked) * first(meta_r[:, 3], neuron_idx.shape[1]))
-    g = cond if gate is None else gate.float() * cond
+    g = cond if gate is None else gate.to(ct) * cond
     c = scalars[s, 0] * g
     y = xf + c[:, None] * (z - xf)
     y_norm = y.pow(2).sum(1).sqrt()
@@ -194,7 +201,7 @@ def sparse_threshold(x: torch.Tensor, threshold) -> torch.Tensor:
 
     x [..., n]; threshold a number or an fp32 tensor [1] or [n] (per channel), compared in fp32.
     """
-    xf = x.float()
+    xf = x.to(_wide(x))
     return torch.where(xf.abs() <= _as_threshold(threshold, x), 0.0, xf).to(x.dtype)
 
 
@@ -203,10 +210,11 @@ def sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, threshold, bias: torc
 
     x [..., in]; weight_t [in, out] (= linear.weight.t()); bias [out] or None.
     """
-    xt = sparse_threshold(x.float(), threshold)
-    y = xt @ weight_t.float()
+    ct = _wide(x)
+    xt = sparse_threshold(x.to(ct), threshold)
+    y = xt @ weight_t.to(ct)
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(ct)
     return y.to(x.dtype)
 
 
@@ -248,12 +256,13 @@ def relu_ffn(
     x [..., d]; w_gate, w_up [ffn, d] (nn.Linear weights); w_down_t [ffn, d] (= down.weight.t());
     biases [ffn] (gate, up) and [d] (down). Output in x's dtype; h stays fp32.
     """
-    xf = x.float()
-    g = torch.nn.functional.linear(xf, w_gate.float(), None if b_gate is None else b_gate.float())
+    ct = _wide(x)
+    xf = x.to(ct)
+    g = torch.nn.functional.linear(xf, w_gate.to(ct), None if b_gate is None else b_gate.to(ct))
     u = None
     if w_up is not None:
-        u = torch.nn.functional.linear(xf, w_up.float(), None if b_up is None else b_up.float())
-    y = ffn_activation(act, g, u, threshold) @ w_down_t.float()
+        u = torch.nn.functional.linear(xf, w_up.to(ct), None if b_up is None else b_up.to(ct))
+    y = ffn_activation(act, g, u, threshold) @ w_down_t.to(ct)
     if b_down is not None:
-        y = y + b_down.float()
+        y = y + b_down.to(ct)
     return y.to(x.dtype)

@@ -100,11 +100,11 @@ BY_MODEL_TYPE: dict[str, Architecture] = {t: a for a in ARCHITECTURES for t in a
 
 
 def model_type(model: nn.Module) -> str:
-    """`model.config.model_type`; TypeError naming `model` when it has none (not a transformers model)."""
+    """`model.config.model_type`; ValueError naming `model` when it has none (not a transformers model)."""
     config = getattr(model, "config", None)
     mt = getattr(config, "model_type", None)
     if not isinstance(mt, str):
-        raise TypeError(f"model must be a transformers PreTrainedModel with a config.model_type, got {type(model).__name__}")
+        raise ValueError(f"model must be a transformers PreTrainedModel with a config.model_type, got {type(model).__name__}")
     return mt
 
 

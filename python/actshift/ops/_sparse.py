@@ -10,6 +10,7 @@ import numbers
 import torch
 
 from .. import backends
+from . import _autograd
 from ..backends import BackendUnavailableError
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -85,6 +86,7 @@ def triton_op(name: str):
             raise
         raise BackendUnavailableError(f"backend 'triton' is unavailable for {name}: {module} is not built yet") from None
     kernel.register()
+    _autograd.register(op_name)
     return getattr(torch.ops.actshift, op_name)
 
 

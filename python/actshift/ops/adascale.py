@@ -6,13 +6,16 @@ import numbers
 import torch
 
 from .. import _ext, backends, reference
-from .percentile import TRITON_MAX_D, as_rows
+from . import _autograd
+from .percentile import TRITON_MAX_D, _triton_ready, as_rows
 
 if _ext.EXT_LOADED:
 
     @torch.library.register_fake("actshift::adascale_stats")
     def _adascale_fake(z, z_perturbed, k1, k2):
         return z.new_empty((z.shape[0],), dtype=torch.float32), z.new_empty((z.shape[0],), dtype=torch.float32)
+
+    _autograd.register("adascale_stats")
 
 
 def adascale_stats(z: torch.Tensor, z_perturbed: torch.Tensor, k1: int, k2: int, *, backend: str = "auto"):
@@ -32,9 +35,6 @@ def adascale_stats(z: torch.Tensor, z_perturbed: torch.Tensor, k1: int, k2: int,
     if name == "triton":
         if d > TRITON_MAX_D:
             raise ValueError(f"z has {d} features; the triton backend supports up to {TRITON_MAX_D}")
-        if not hasattr(torch.ops.actshift, "adascale_stats_triton"):
-            from ..kernels import percentile as triton_percentile
-
-            triton_percentile.register()
-        return torch.ops.actshift.adascale_stats_triton(z2, p2, int(k1), int(k2))
-    return torch.ops.actshift.adascale_stats(z2, p2, int(k1), int(k2))
+        _triton_ready()
+        return _autograd.call(torch.ops.actshift.adascale_stats_triton, z2, p2, int(k1), int(k2))
+    return _autograd.call(torch.ops.actshift.adascale_stats, z2, p2, int(k1), int(k2))

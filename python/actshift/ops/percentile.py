@@ -12,6 +12,7 @@ import numbers
 import torch
 
 from .. import _ext, backends, reference
+from . import _autograd
 
 METHODS = ("scale", "ash_p", "ash_b", "ash_s", "react")
 _CODES = {name: i for i, name in enumerate(reference.PERCENTILE_METHODS)}  # ratio=0 ... react=5
@@ -28,12 +29,16 @@ if _ext.EXT_LOADED:
         r = z.new_empty((0 if method == _CODES["react"] else n,), dtype=torch.float32)
         return y, r
 
+    _autograd.register("percentile_scale")
+
 
 def _triton_ready() -> None:
     if not hasattr(torch.ops.actshift, "percentile_scale_triton"):
         from ..kernels import percentile as triton_percentile
 
         triton_percentile.register()
+        _autograd.register("percentile_scale_triton")
+        _autograd.register("adascale_stats_triton")
 
 
 def as_rows(z, name: str = "z") -> torch.Tensor:
@@ -123,9 +128,9 @@ def run_percentile(z2: torch.Tensor, k: torch.Tensor | None, method: str, clip: 
             raise ValueError(f"z has {z2.shape[1]} features; the triton backend holds a row in one program, "
                              f"up to {TRITON_MAX_D} (use backend='cuda' or 'cpu')")
         _triton_ready()
-        y, r = torch.ops.actshift.percentile_scale_triton(z2, k, code, clip)
+        y, r = _autograd.call(torch.ops.actshift.percentile_scale_triton, z2, k, code, clip)
     else:
-        y, r = torch.ops.actshift.percentile_scale(z2, k, code, clip)
+        y, r = _autograd.call(torch.ops.actshift.percentile_scale, z2, k, code, clip)
     return (None if method == "ratio" else y), (None if method == "react" else r)
 
 

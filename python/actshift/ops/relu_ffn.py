@@ -10,6 +10,7 @@ import torch
 
 from .. import _ext, backends, reference
 from ..reference import GATED_ONLY_ACTS, SPARSE_ACTS, THRESHOLD_ACTS
+from . import _autograd
 from ._sparse import as_rows, check_like, register_triton_early, threshold_value, triton_op
 
 ACTS = SPARSE_ACTS
@@ -21,6 +22,8 @@ if _ext.EXT_LOADED:
     def _relu_ffn_fake(x, w_gate, w_up, w_down_t, act, threshold, b_gate, b_up, b_down):
         torch._check(x.dim() == 2, lambda: "relu_ffn: x must be [rows, d]")
         return x.new_empty(x.shape)
+
+    _autograd.register("relu_ffn")
 
 
 register_triton_early("relu_ffn")
@@ -93,7 +96,7 @@ def relu_ffn(
         y = reference.relu_ffn(x2, w_gate, w_up, w_down_t, act, t, b_gate, b_up, b_down)
     else:
         op = triton_op("relu_ffn") if name == "triton" else torch.ops.actshift.relu_ffn
-        y = op(x2, w_gate, w_up, w_down_t, _CODES[act], t, b_gate, b_up, b_down)
+        y = _autograd.call(op, x2, w_gate, w_up, w_down_t, _CODES[act], t, b_gate, b_up, b_down)
     return y.view(x.shape)
 
 

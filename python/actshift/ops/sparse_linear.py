@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext, backends, reference
+from . import _autograd
 from ._sparse import as_rows, check_like, register_triton_early, threshold_tensor, triton_op
 
 if _ext.EXT_LOADED:
@@ -17,6 +18,8 @@ if _ext.EXT_LOADED:
     def _sparse_linear_fake(x, weight_t, threshold, bias):
         torch._check(x.dim() == 2, lambda: "sparse_linear: x must be [rows, in]")
         return x.new_empty((x.shape[0], weight_t.shape[1]))
+
+    _autograd.register("sparse_linear")
 
 
 register_triton_early("sparse_linear")
@@ -60,7 +63,7 @@ def sparse_linear(
     if name == "reference":
         y = reference.sparse_linear(x2, weight_t, t, bias)
     elif name == "triton":
-        y = triton_op("sparse_linear")(x2, weight_t, t, bias)
+        y = _autograd.call(triton_op("sparse_linear"), x2, weight_t, t, bias)
     else:
-        y = torch.ops.actshift.sparse_linear(x2, weight_t, t, bias)
+        y = _autograd.call(torch.ops.actshift.sparse_linear, x2, weight_t, t, bias)
     return y.view(*x.shape[:-1], out)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext, backends, reference
+from . import _autograd
 from ._sparse import as_rows, register_triton_early, threshold_tensor, triton_op
 
 if _ext.EXT_LOADED:
@@ -17,6 +18,8 @@ if _ext.EXT_LOADED:
     def _sparse_threshold_fake(x, threshold):
         torch._check(x.dim() == 2, lambda: "sparse_threshold: x must be [rows, n]")
         return x.new_empty(x.shape)
+
+    _autograd.register("sparse_threshold")
 
 
 register_triton_early("sparse_threshold")
@@ -40,7 +43,7 @@ def sparse_threshold(x: torch.Tensor, threshold, *, backend: str = "auto") -> to
     if name == "reference":
         y = reference.sparse_threshold(x2, t)
     elif name == "triton":
-        y = triton_op("sparse_threshold")(x2, t)
+        y = _autograd.call(triton_op("sparse_threshold"), x2, t)
     else:
-        y = torch.ops.actshift.sparse_threshold(x2, t)
+        y = _autograd.call(torch.ops.actshift.sparse_threshold, x2, t)
     return y.view(x.shape)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext, backends, reference
+from . import _autograd
 from ..backends import BackendUnavailableError
 from ..steering.plan import MAX_VECTORS, SteeringBank, as_bank
 
@@ -39,6 +40,11 @@ if _ext.EXT_LOADED:
                                 neuron_val, condition, monitor, gate, slot, row_weights, out):
         return x.new_empty((x.shape[0], monitor.shape[1]), dtype=torch.float32)
 
+    _autograd.register("steer")
+    _autograd.register("steer_program")
+    _autograd.register_out("steer_out")
+    _autograd.register_out("steer_program_out")
+
 
 def _triton_ready() -> bool:
     """Registers the Triton op once, where Triton can run (GPU, or the CPU interpreter)."""
@@ -48,6 +54,8 @@ def _triton_ready() -> bool:
         from ..kernels import steer as triton_steer
 
         triton_steer.register()
+        _autograd.register("steer_triton")
+        _autograd.register("steer_program_triton")
     return True
 
 
@@ -144,72 +152,76 @@ def _as_rows(x, gate, slot, out):
     return x2, gate, slot, out2
 
 
+def _prepared(num_plans: int, check_slots: bool, functional, into, grad_args):
+    """The per-call body shared by every backend and kind: run(x2, gate, slot, out2, inplace, *rest).
+
+    functional(x2, gate, slot, *rest) returns the op's outputs, into(x2, gate, slot, out2, inplace,
+    *rest) writes y into out2 and returns the other outputs (None where the backend has no out=
+    kernel). In place, torch's rules apply: out2 must be writable in place, a call that needs a
+    graph runs the functional op on a copy of x and records the write with copy_, and a kernel
+    write bumps out2's version counter."""
+    def run(x2, gate, slot, out2, inplace, *rest):
+        if check_slots and slot is not None:
+            _check_slot_values(slot, num_plans)
+        if out2 is None:
+            return functional(x2, gate, slot, *rest)
+        _autograd.check_inplace(out2)
+        grad = _autograd.needs_grad(x2, gate, out2, *rest, *grad_args)
+        if grad or into is None:  # x itself must stay as autograd saved it
+            outs = functional(x2.clone() if grad else x2, gate, slot, *rest)
+            if isinstance(outs, tuple):
+                return (out2.copy_(outs[0]), *outs[1:])
+            return out2.copy_(outs)
+        extra = into(x2, gate, slot, out2, inplace, *rest)
+        _autograd.mark_written(out2)
+        return out2 if extra is None else (out2, extra)
+
+    return run
+
+
 def _additive_runner(name: str, vectors, weights, strength, check_slots: bool = True):
     """The additive kernel of backend `name` bound to bank tensors: run(x2, gate, slot, out2, inplace)
     on checked [rows, d] arguments returns y (or out2). Built once per bank and device (see
     `runner`), so a decode step pays for one op call and little else."""
-    num_plans = vectors.shape[0]
+    bank = (vectors, weights, strength)
     check = check_slots and name != "cpu"  # the C++ CPU kernel checks slots while it runs
     if name == "reference":
-        def run(x2, gate, slot, out2, inplace):
-            if check and slot is not None:
-                _check_slot_values(slot, num_plans)
-            y = reference.steer(x2, vectors, weights, strength, gate, slot)
-            return y if out2 is None else out2.copy_(y)
-    elif name == "triton":
+        return _prepared(vectors.shape[0], check, lambda x2, gate, slot: reference.steer(x2, *bank, gate, slot),
+                         None, bank)
+    if name == "triton":
         _triton_ready()
         op, op_out = torch.ops.actshift.steer_triton.default, torch.ops.actshift.steer_triton_out.default
 
-        def run(x2, gate, slot, out2, inplace):
-            if check and slot is not None:
-                _check_slot_values(slot, num_plans)
-            if out2 is None:
-                return op(x2, vectors, weights, strength, gate, slot)
-            op_out(x2, vectors, weights, strength, gate, slot, out2, inplace)
-            return out2
+        def into(x2, gate, slot, out2, inplace):
+            _autograd.call(op_out, x2, *bank, gate, slot, out2, inplace)
     else:
         op, op_out = torch.ops.actshift.steer.default, torch.ops.actshift.steer_out.default
 
-        def run(x2, gate, slot, out2, inplace):
-            if check and slot is not None:
-                _check_slot_values(slot, num_plans)
-            if out2 is None:
-                return op(x2, vectors, weights, strength, gate, slot)
-            op_out(x2, vectors, weights, strength, gate, slot, out2)
-            return out2
-    return run
+        def into(x2, gate, slot, out2, inplace):
+            _autograd.call(op_out, x2, *bank, gate, slot, out2)
+    return _prepared(vectors.shape[0], check, lambda x2, gate, slot: _autograd.call(op, x2, *bank, gate, slot),
+                     into, bank)
 
 
 def _program_runner(name: str, prog):
     """Like `_additive_runner` for the full program: run(x2, gate, slot, out2, inplace, row_weights)
     returns (y or out2, monitors [rows, P])."""
-    num_plans = prog.meta.shape[0]
     check = name != "cpu"
     if name == "reference":
-        def run(x2, gate, slot, out2, inplace, row_weights):
-            if check and slot is not None:
-                _check_slot_values(slot, num_plans)
-            y, monitors = reference.steer_program(x2, *prog, gate, slot, row_weights)
-            return (y if out2 is None else out2.copy_(y)), monitors
-    elif name == "triton":
+        return _prepared(prog.meta.shape[0], check,
+                         lambda x2, gate, slot, rw: reference.steer_program(x2, *prog, gate, slot, rw), None, prog)
+    if name == "triton":
         op, op_out = torch.ops.actshift.steer_program_triton.default, torch.ops.actshift.steer_program_triton_out.default
 
-        def run(x2, gate, slot, out2, inplace, row_weights):
-            if check and slot is not None:
-                _check_slot_values(slot, num_plans)
-            if out2 is None:
-                return op(x2, *prog, gate, slot, row_weights)
-            return out2, op_out(x2, *prog, gate, slot, row_weights, out2, inplace)
+        def into(x2, gate, slot, out2, inplace, rw):
+            return _autograd.call(op_out, x2, *prog, gate, slot, rw, out2, inplace)
     else:
         op, op_out = torch.ops.actshift.steer_program.default, torch.ops.actshift.steer_program_out.default
 
-        def run(x2, gate, slot, out2, inplace, row_weights):
-            if check and slot is not None:
-                _check_slot_values(slot, num_plans)
-            if out2 is None:
-                return op(x2, *prog, gate, slot, row_weights)
-            return out2, op_out(x2, *prog, gate, slot, row_weights, out2)
-    return run
+        def into(x2, gate, slot, out2, inplace, rw):
+            return _autograd.call(op_out, x2, *prog, gate, slot, rw, out2)
+    return _prepared(prog.meta.shape[0], check,
+                     lambda x2, gate, slot, rw: _autograd.call(op, x2, *prog, gate, slot, rw), into, prog)
 
 
 def runner(bank: SteeringBank, device: torch.device, backend: str = "auto", kind: str = "add"):

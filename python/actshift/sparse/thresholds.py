@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import pickle
+import re
 from collections.abc import Mapping
 
 import torch
@@ -20,6 +22,15 @@ def check_threshold(value, name: str) -> float:
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+    return float(value)
+
+
+def _fraction(value, name: str, *, top_open: bool) -> float:
+    """A number in [0, 1) (top_open) or [0, 1]; NaN, strings and bools are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (0.0 <= value < 1.0 if top_open else 0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must be in [0, 1{')' if top_open else ']'}, got {value!r}")
     return float(value)
 
 
@@ -46,8 +57,12 @@ class Thresholds:
         if _sites.CATS_SITE in site_names and len(site_names) > 1:
             raise ValueError("values: the 'cats' site cannot be mixed with TEAL sites")
         self.mode = "cats" if _sites.CATS_SITE in site_names else "teal"
-        self.target = None if target is None else float(target)
-        self.sparsity = {k: float(v) for k, v in (sparsity or {}).items()}
+        self.target = None if target is None else _fraction(target, "target", top_open=True)
+        self.sparsity = {}
+        for key, v in (sparsity or {}).items():
+            if key not in self.values:
+                raise ValueError(f"sparsity: key {key!r} has no threshold in values")
+            self.sparsity[key] = _fraction(v, f"sparsity[{key!r}]", top_open=False)
         self.meta = {str(k): str(v) for k, v in (meta or {}).items()}
 
     @classmethod
@@ -95,18 +110,36 @@ class Thresholds:
     @classmethod
     def load(cls, path) -> Thresholds:
         """Reads a file written by `save`."""
-        data = torch.load(path, weights_only=True)
+        try:
+            data = torch.load(path, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+            raise ValueError(f"path: {path!r} is not a readable torch file ({e})") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f"path: {path!r} is not an actshift thresholds file ({FORMAT})")
+        missing = [f for f in ("values", "sparsity", "target", "meta") if f not in data]
+        if missing:
+            raise ValueError(f"path: {path!r} lacks the field(s) {missing}")
 
-        def keyed(d):
+        def keyed(field):
+            d = data[field]
+            if not isinstance(d, dict):
+                raise ValueError(f"path: {field} must be a dict, got {type(d).__name__}")
             out = {}
             for k, v in d.items():
-                i, s = k.split(".", 1)
-                out[(int(i), s)] = v
+                # "<layer>.<site>", the layer as save writes it ("01" would alias "1")
+                m = re.fullmatch(r"(0|[1-9][0-9]*)\.(.+)", k) if isinstance(k, str) else None
+                if m is None:
+                    raise ValueError(f"path: {field} key {k!r} is not '<layer>.<site>'")
+                out[(int(m[1]), m[2])] = v
             return out
 
-        return cls(keyed(data["values"]), target=data["target"], sparsity=keyed(data["sparsity"]), meta=data["meta"])
+        meta = data["meta"]
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for kv in meta.items() for v in kv):
+            raise ValueError("path: meta must be a dict of strings")
+        try:
+            return cls(keyed("values"), target=data["target"], sparsity=keyed("sparsity"), meta=meta)
+        except TypeError as e:  # a wrong type inside the file is a bad file
+            raise ValueError(f"path: {e}") from None
 
     def check_model(self, layers: list, arch) -> None:
         """ValueError naming `thresholds` when they do not fit the model's layers/sites."""

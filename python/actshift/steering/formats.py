@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 
 import torch
@@ -56,6 +57,44 @@ def _as_vector(value, name: str) -> torch.Tensor:
     if not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name} contains NaN or Inf")
     return value.detach().to("cpu", torch.float32).contiguous()
+
+
+def _layer_index(text: str) -> int | None:
+    """A layer index written as save/export write it (ASCII digits, no sign, no leading zero), else
+    None: "01" would alias "1", and str.isdigit() also accepts "٣" and "²"."""
+    return int(text) if re.fullmatch(r"0|[1-9][0-9]*", text) else None
+
+
+def _file_vectors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], where: str) -> dict[int, torch.Tensor]:
+    """The {layer: tensor} of a "vectors" file, validated as `save` writes it."""
+    if not tensors:
+        raise ValueError(f"{where}: the file holds no vectors")
+    data = {}
+    for key, t in tensors.items():
+        prefix, dot, index = key.partition(".")
+        layer = _layer_index(index) if prefix == "layer" and dot else None
+        if layer is None:
+            raise ValueError(f"{where}: tensor {key!r} is not named layer.<n> (n a non-negative integer, no leading zeros)")
+        if t.dtype != torch.float32:
+            raise ValueError(f"{where}: tensor {key} is {t.dtype}; steering files hold float32 vectors")
+        if t.dim() not in (1, 2) or t.numel() == 0:
+            raise ValueError(f"{where}: tensor {key} must be a non-empty [d] or [m, d], got shape {tuple(t.shape)}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{where}: tensor {key} contains NaN or Inf")
+        data[layer] = t.contiguous()
+    sizes = sorted({t.shape[-1] for t in data.values()})
+    if len(sizes) != 1:
+        raise ValueError(f"{where}: the vectors have different hidden sizes {sizes}")
+    if "hidden_size" in meta and meta["hidden_size"] != str(sizes[0]):
+        raise ValueError(f"{where}: metadata says hidden_size {meta['hidden_size']!r} but the vectors have {sizes[0]}")
+    if "layers" in meta:
+        try:
+            listed = json.loads(meta["layers"])
+        except ValueError:
+            listed = None
+        if listed != sorted(data):
+            raise ValueError(f"{where}: metadata lists layers {meta['layers']} but the file holds {sorted(data)}")
+    return dict(sorted(data.items()))
 
 
 def _plan_fields(plan: SteeringPlan, prefix: str, tensors: dict) -> dict:
@@ -145,6 +184,29 @@ def _build_plan(fields: dict, tensors: Mapping[str, torch.Tensor]) -> SteeringPl
     return plan
 
 
+def _file_plans(kind: str, meta: Mapping[str, str], tensors: Mapping[str, torch.Tensor], where: str):
+    """The plan(s) of a "plans" / "plan" file, rebuilt through the builders (which validate them);
+    a malformed description is a ValueError naming the file and the layer."""
+    try:
+        fields = json.loads(meta["plan_fields"])
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{where}: plan_fields metadata is missing or not JSON ({e})") from None
+    if kind == "plan":
+        fields = {None: fields}
+    if not isinstance(fields, dict) or not fields:
+        raise ValueError(f"{where}: plan_fields must describe at least one plan")
+    data = {}
+    for key, spec in fields.items():
+        layer = key if kind == "plan" else _layer_index(key)
+        if kind == "plans" and layer is None:
+            raise ValueError(f"{where}: plan key {key!r} is not a layer index (non-negative, no leading zeros)")
+        try:
+            data[layer] = _build_plan(spec, tensors)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{where}: plan {key!r} is malformed ({type(e).__name__}: {e})") from None
+    return data[None] if kind == "plan" else dict(sorted(data.items()))
+
+
 def load(path: str | os.PathLike, *, model=None):
     """Reads a file written by `save`: returns (data, metadata).
 
@@ -157,16 +219,16 @@ def load(path: str | os.PathLike, *, model=None):
         meta = dict(f.metadata() or {})
         tensors = {key: f.get_tensor(key) for key in f.keys()}
     kind = meta.get(FORMAT_KEY)
+    where = f"path {os.fspath(path)}"
     if kind == "vectors":
-        data = {int(key.split(".", 1)[1]): t for key, t in tensors.items()}
-    elif kind == "plans":
-        data = {int(layer): _build_plan(fields, tensors) for layer, fields in json.loads(meta["plan_fields"]).items()}
-    elif kind == "plan":
-        data = _build_plan(json.loads(meta["plan_fields"]), tensors)
+        data = _file_vectors(tensors, meta, where)
+    elif kind in ("plans", "plan"):
+        data = _file_plans(kind, meta, tensors, where)
     else:
         raise ValueError(f"path: {os.fspath(path)} is not an actshift steering file (no {FORMAT_KEY} metadata)")
     if model is not None:
-        _check_against_model(model, int(meta["hidden_size"]), data if isinstance(data, dict) else {})
+        d = next(iter(data.values())).shape[-1] if kind == "vectors" else int(meta["hidden_size"])
+        _check_against_model(model, d, data if isinstance(data, dict) else {})
     return data, meta
 
 
@@ -225,6 +287,21 @@ def export_gguf(path: str | os.PathLike, vectors: Mapping[int, torch.Tensor], *,
     writer.close()
 
 
+def _check_gguf_layout(reader, file_size: int) -> None:
+    """llama.cpp's rule for the data section: each tensor starts where the previous one's aligned
+    bytes end, and all of them lie inside the file. A dim declared larger than the data then cannot
+    read into the next tensor or past the end (within a tensor's own alignment padding no file
+    format can tell)."""
+    expected = 0
+    for t in reader.tensors:
+        if t.data_offset - reader.data_offset != expected:
+            raise ValueError(f"path: tensor {t.name} starts at byte {t.data_offset - reader.data_offset} of the data, "
+                             f"expected {expected}: its declared shape {tuple(int(n) for n in t.shape)} does not match the data")
+        if t.data_offset + t.n_bytes > file_size:
+            raise ValueError(f"path: tensor {t.name}'s declared shape {tuple(int(n) for n in t.shape)} runs past the end of the file")
+        expected += -(-t.n_bytes // reader.alignment) * reader.alignment
+
+
 def import_gguf(path: str | os.PathLike, *, model=None) -> tuple[dict[int, torch.Tensor], dict]:
     """Reads a llama.cpp / repeng control-vector GGUF: returns ({layer: tensor [d] fp32}, metadata).
 
@@ -237,22 +314,28 @@ def import_gguf(path: str | os.PathLike, *, model=None) -> tuple[dict[int, torch
     gguf = require("gguf", "actshift.steering.import_gguf")
 
     kinds = gguf.GGMLQuantizationType
-    floats = (kinds.F32, kinds.F16, kinds.F64)
-    reader = gguf.GGUFReader(os.fspath(path))
-    meta = {}
-    for key, field in reader.fields.items():
-        if not key.startswith("GGUF."):
-            meta[key] = field.contents()
+    floats = (kinds.F32, kinds.F16, kinds.F64)  # repeng writes its numpy arrays as they are (fp64 too)
+    try:  # a corrupt header (counts, lengths, offsets) surfaces as any of these inside gguf/numpy
+        reader = gguf.GGUFReader(os.fspath(path))
+        meta = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError) as e:
+        raise ValueError(f"path: {os.fspath(path)} is not a readable GGUF file ({type(e).__name__}: {e})") from None
     if meta.get("general.architecture") != GGUF_ARCH:
         raise ValueError(f"path: general.architecture is {meta.get('general.architecture')!r}, not {GGUF_ARCH!r}")
+    _check_gguf_layout(reader, os.path.getsize(path))
     vectors: dict[int, torch.Tensor] = {}
     for t in reader.tensors:
-        prefix, _, index = t.name.partition(".")
-        if prefix != "direction" or not index.isdigit() or int(index) == 0:
-            raise ValueError(f"path: tensor {t.name!r} is not direction.<layer> with layer >= 1")
+        prefix, dot, index = t.name.partition(".")
+        layer = _layer_index(index) if prefix == "direction" and dot else None
+        if not layer:  # None, or 0 (llama.cpp rejects direction.0)
+            raise ValueError(f"path: tensor {t.name!r} is not direction.<layer> with layer >= 1 (no leading zeros)")
         if t.tensor_type not in floats or len(t.shape) != 1:
             raise ValueError(f"path: tensor {t.name} must be 1-D fp32 (or fp16/fp64)")
-        vectors[int(index)] = torch.from_numpy(t.data.copy()).float()
+        if t.n_elements == 0:
+            raise ValueError(f"path: tensor {t.name} is empty")
+        if layer in vectors:
+            raise ValueError(f"path: layer {layer} appears twice")
+        vectors[layer] = torch.from_numpy(t.data.copy()).float()
     sizes = {v.shape[0] for v in vectors.values()}
     if len(sizes) > 1:
         raise ValueError(f"path: direction tensors have different sizes {sorted(sizes)}")

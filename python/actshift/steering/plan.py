@@ -19,6 +19,7 @@ MAX_VECTORS = 16  # kernels keep the per-row coefficients in registers (csrc/inc
 MAX_DIRECTIONS = 16  # ablation directions per plan, same reason
 MAX_MONITORS = 16  # monitor read-outs per plan, same reason
 ORTHONORMAL_TOL = 1e-4  # max |U·Uᵀ − I| accepted as orthonormal (fp32 round-off of unit vectors)
+_F32_MAX = torch.finfo(torch.float32).max
 
 
 def _as_float_tensor(value, name: str) -> torch.Tensor:
@@ -29,9 +30,12 @@ def _as_float_tensor(value, name: str) -> torch.Tensor:
             raise TypeError(f"{name} must be a tensor or a sequence of numbers: {e}") from None
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
-    if not bool(torch.isfinite(value).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
-    return value.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    # Always a copy (later edits of the caller's tensor cannot reach the plan), checked after the
+    # cast so that a value beyond fp32's range (1e300 in fp64) is caught rather than stored as inf.
+    t = value.detach().to(device="cpu", dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf (or a value beyond float32's range)")
+    return t
 
 
 def _as_rows(value, name: str, limit: int) -> torch.Tensor:
@@ -49,15 +53,15 @@ def _as_rows(value, name: str, limit: int) -> torch.Tensor:
 def _as_number(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
+    if not (math.isfinite(value) and abs(value) <= _F32_MAX):  # the kernels read it as fp32
+        raise ValueError(f"{name} must be finite and within float32's range, got {value}")
     return float(value)
 
 
 def _per_entry(value, name: str, n: int) -> torch.Tensor:
     """A number or [n] values -> [n] fp32."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return torch.full((n,), _as_number(value, name))
+        return torch.full((n,), _as_number(value, name), dtype=torch.float32)
     t = _as_float_tensor(value, name)
     if t.shape != (n,):
         raise ValueError(f"{name} must be a number or [{n}] values, got shape {tuple(t.shape)}")
@@ -186,7 +190,7 @@ class SteeringPlan:
         v = _as_rows(vectors, "add", MAX_VECTORS)
         self._check_width(v.shape[1], "add")
         m = v.shape[0]
-        w = torch.ones(m) if weights is None else _as_float_tensor(weights, "weights")
+        w = torch.ones(m, dtype=torch.float32) if weights is None else _as_float_tensor(weights, "weights")
         if w.shape != (m,):
             raise ValueError(f"weights must be [{m}] to match add, got shape {tuple(w.shape)}")
         self.vectors, self.weights = v, w
@@ -221,7 +225,7 @@ class SteeringPlan:
                 )
         k = U.shape[0]
         new.directions = U
-        new.targets = torch.zeros(k) if targets is None else _per_entry(targets, "targets", k)
+        new.targets = torch.zeros(k, dtype=torch.float32) if targets is None else _per_entry(targets, "targets", k)
         return new
 
     @_builder
@@ -243,8 +247,8 @@ class SteeringPlan:
             raise ValueError(
                 f"scale and bias must both be [d], got {tuple(parts['scale'].shape)} and {tuple(parts['bias'].shape)}"
             )
-        new.scale = parts.get("scale", torch.ones(d))
-        new.bias = parts.get("bias", torch.zeros(d))
+        new.scale = parts.get("scale", torch.ones(d, dtype=torch.float32))
+        new.bias = parts.get("bias", torch.zeros(d, dtype=torch.float32))
         return new
 
     @_builder
@@ -261,7 +265,7 @@ class SteeringPlan:
             raise TypeError(f"idx must hold integers, got {idx.dtype}")
         if idx.dim() > 1:
             raise ValueError(f"idx must be a 1-d index set, got shape {tuple(idx.shape)}")
-        idx = idx.detach().cpu().long().reshape(-1)
+        idx = idx.detach().to("cpu", torch.int64, copy=True).reshape(-1)  # a copy: the caller's stays theirs
         if bool((idx < 0).any()):
             raise ValueError(f"idx holds a negative index {int(idx.min())}")
         d = self.hidden_size
@@ -365,9 +369,11 @@ class SteeringProgram(NamedTuple):
     monitor: torch.Tensor
 
 
-def _pad_rows(parts: list[torch.Tensor | None], width: int, tail: tuple[int, ...]) -> torch.Tensor:
-    """Stacks per-plan [n_i, *tail] tensors (None = none) into [S, width, *tail], zero-padded."""
-    out = torch.zeros(len(parts), width, *tail)
+def _pad_rows(parts: list[torch.Tensor | None], width: int, tail: tuple[int, ...],
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Stacks per-plan [n_i, *tail] tensors (None = none) into [S, width, *tail] of `dtype`, zero-padded
+    (indices pad as ints: through fp32 they would round past 2^24)."""
+    out = torch.zeros(len(parts), width, *tail, dtype=dtype)
     for i, t in enumerate(parts):
         if t is not None:
             out[i, : t.shape[0]] = t
@@ -421,14 +427,14 @@ class SteeringBank:
         cached = self._cache.get(key)
         if cached is None:
             vectors = torch.stack([self._folded(p) for p in self.plans])[:, None]
-            weights = torch.ones(len(self.plans), 1)
-            strength = torch.tensor([p.strength for p in self.plans])
+            weights = torch.ones(len(self.plans), 1, dtype=torch.float32)
+            strength = torch.tensor([p.strength for p in self.plans], dtype=torch.float32)
             cached = tuple(t.to(device).contiguous() for t in (vectors, weights, strength))
             self._cache[key] = cached
         return cached
 
     def _folded(self, p: SteeringPlan) -> torch.Tensor:
-        return torch.zeros(self._d) if p.vectors is None else p.weights @ p.vectors
+        return torch.zeros(self._d, dtype=torch.float32) if p.vectors is None else p.weights @ p.vectors
 
     def program(self, device: torch.device, folded: bool = True) -> SteeringProgram:
         """The padded program tensors on `device`. folded=True sums each plan's weighted add vectors
@@ -456,13 +462,13 @@ class SteeringBank:
             n = 0 if p.neuron_idx is None else p.neuron_idx.numel()
             meta_rows.append([flags, k, m, n, p.num_monitors])
         meta = torch.tensor(meta_rows, dtype=torch.int32)
-        scalars = torch.tensor([[p.strength, p.condition_threshold] for p in plans])
+        scalars = torch.tensor([[p.strength, p.condition_threshold] for p in plans], dtype=torch.float32)
         K, M, N = (max(row[c] for row in meta_rows) for c in (1, 2, 3))
         has_affine = any(p.scale is not None for p in plans)
         has_condition = any(p.condition_vector is not None for p in plans)
         if folded:
             vectors = _pad_rows([None if p.vectors is None else self._folded(p)[None] for p in plans], M, (d,))
-            weights = torch.ones(S, M)
+            weights = torch.ones(S, M, dtype=torch.float32)
         else:
             vectors = _pad_rows([p.vectors for p in plans], M, (d,))
             weights = _pad_rows([p.weights for p in plans], M, ())
@@ -470,7 +476,7 @@ class SteeringBank:
         for p in plans:
             c = p.condition_vector
             cond.append(None if c is None else (c / c.norm() if p.condition_kind == "cosine" else c)[None])
-        neuron_val = torch.zeros(S, 2, N)
+        neuron_val = torch.zeros(S, 2, N, dtype=torch.float32)
         for i, p in enumerate(plans):
             if p.neuron_idx is not None:
                 neuron_val[i, 0, : p.neuron_idx.numel()] = p.neuron_mul
@@ -484,7 +490,7 @@ class SteeringBank:
                              2 if has_affine else 0, (d,)),
             vectors=vectors,
             weights=weights,
-            neuron_idx=_pad_rows([p.neuron_idx for p in plans], N, ()).to(torch.int32),
+            neuron_idx=_pad_rows([p.neuron_idx for p in plans], N, (), torch.int32),
             neuron_val=neuron_val,
             condition=_pad_rows(cond, 1 if has_condition else 0, (d,)),
             monitor=_pad_rows([p.monitors for p in plans], self.num_monitors, (d,)),
