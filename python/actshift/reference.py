@@ -172,8 +172,9 @@ def adascale_stats(z: torch.Tensor, z_perturbed: torch.Tensor, k1: int, k2: int)
     n = z.shape[0]
     m1 = topk_mask(zf, torch.full((n,), k1))
     m2 = topk_mask(zf, torch.full((n,), k2))
-    q = ((zf - pf).abs() * m1).sum(dim=1)
-    c_o = (pf.clamp(min=0) * m2).sum(dim=1)
+    # where, not a product with the mask: a NaN outside the top-k must not reach the sums (NaN·0).
+    q = torch.where(m1, (zf - pf).abs(), 0.0).sum(dim=1)
+    c_o = torch.where(m2, pf.clamp(min=0), 0.0).sum(dim=1)
     return q, c_o
 
 
