@@ -58,16 +58,19 @@ cuda-check:
 
 # test-asan: the extension compiled with AddressSanitizer + UBSan (any UB aborts the run) into
 # build/asan/lib, then a tree build/asan/pkg/actshift of symlinks to the sources with that binary,
-# first on PYTHONPATH; Python itself is not instrumented, so the ASan runtime is preloaded (leak
-# checks off: the interpreter never frees everything). setup.py rewrites _build_info.json, so the
-# normal build's copy is put back.
+# first on PYTHONPATH; Python itself is not instrumented, so the ASan runtime is preloaded, with
+# libstdc++ (else ASan's __cxa_throw interceptor finds no real one and every C++ exception aborts),
+# leak checks off (the interpreter never frees everything). --capture=sys leaves fd 2 alone, so a
+# sanitizer report that ends the process is not lost with pytest's captured output. setup.py
+# rewrites _build_info.json, so the normal build's copy is put back.
 SANITIZE := -fsanitize=address,undefined -fno-sanitize=vptr -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 ASAN_TESTS := tests/test_steer.py tests/test_steer_program.py tests/test_percentile.py \
 	tests/test_sparse_threshold.py tests/test_sparse_linear.py tests/test_relu_ffn.py \
 	tests/test_op_boundaries.py tests/test_differential.py
 ASAN := build/asan
 ASAN_ENV = ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so)" PYTHONPATH=$(CURDIR)/$(ASAN)/pkg
+	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
+	PYTHONPATH=$(CURDIR)/$(ASAN)/pkg
 
 test-asan: deps
 	@mkdir -p $(ASAN)
@@ -83,7 +86,7 @@ test-asan: deps
 	ln -s $(CURDIR)/kernels $(ASAN)/pkg/actshift/kernels
 	ln -s $(CURDIR)/benchmarks $(ASAN)/pkg/actshift/benchmarks
 	$(ASAN_ENV) $(PY) -c 'import actshift._C as c, sys; sys.exit(0 if "/$(ASAN)/pkg/" in c.__file__ else "not the ASan build: " + c.__file__)'
-	$(ASAN_ENV) $(PY) -m pytest $(ASAN_TESTS) -q -p no:cacheprovider
+	$(ASAN_ENV) $(PY) -m pytest $(ASAN_TESTS) -q -p no:cacheprovider --capture=sys
 
 clean:
 	rm -rf build .cmake-build *.egg-info python/actshift/_C*.so python/actshift/_build_info.json

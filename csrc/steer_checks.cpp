@@ -55,7 +55,7 @@ void check_steer_args(const at::Tensor& x, const at::Tensor& vectors, const at::
   check_float32(vectors, "vectors", 3);
   check_float32(weights, "weights", 2);
   check_float32(strength, "strength", 1);
-  const int64_t rows = x.size(0), d = x.size(1), S = vectors.size(0), m = vectors.size(1);
+  const int64_t d = x.size(1), S = vectors.size(0), m = vectors.size(1);
   TORCH_CHECK_VALUE(S >= 1, "steer: vectors must hold at least one plan");
   TORCH_CHECK_VALUE(m <= steer::kMaxVectors, "steer: vectors holds ", m,
                     " vectors per plan; at most ", steer::kMaxVectors,

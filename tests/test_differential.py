@@ -96,7 +96,7 @@ def close(actual, expected, dtype, scale=None):
 # --- steer: the additive kernel and the full program -----------------------------------------------
 
 
-@settings(max_examples=80, **SETTINGS)
+@settings(max_examples=60, **SETTINGS)
 @given(data=st.data())
 def test_steer(data):
     draw = data.draw

@@ -254,6 +254,23 @@ def test_adascale_nan_outside_the_top_k_is_not_summed(backend):
     torch.testing.assert_close(c_o, torch.tensor([4.5]))
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("make_bank", [additive_bank, program_bank], ids=["additive", "program"])
+def test_untouched_rows_are_bit_exact_copies(backend, dtype, make_bank):
+    """slot -1 copies the row as it is: NaN sign and payload too (found by test_differential: the
+    cpu additive kernel rounded such rows through fp32, which canonicalises a bf16 NaN)."""
+    require_backend(backend, "cpu")
+    if dtype not in dtypes_for(backend, "cpu"):
+        pytest.skip(f"{backend} on CPU does not run {dtype}")
+    x = torch.randn(2, D).to(dtype)
+    raw = x.view(torch.int16 if x.element_size() == 2 else torch.int32)
+    nan_bits = {2: (-63 if dtype == torch.bfloat16 else -511), 4: -4194303}[x.element_size()]  # -NaN with a payload
+    raw[1, :3] = nan_bits
+    y = actshift.steer(x, make_bank(), slot=torch.tensor([0, -1]), backend=backend)
+    assert torch.equal(y[1].view(raw.dtype), raw[1])
+
+
 # --- item 10: raw ops with meta and CPU arguments mixed ------------------------------------------
 
 

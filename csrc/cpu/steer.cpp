@@ -102,14 +102,14 @@ void steer_kernel(const at::Tensor& x, at::Tensor& y, const at::Tensor& vectors,
       const int64_t c1 = std::min(d, c0 + kTileCols);
       // The helpers' "row" argument is the element index into slot / gate.
       const int64_t s = steer::resolve_slot(slot, r * slot_stride, S);
-      if (s < 0 && in_place) continue;  // an untouched row already holds its output
-      int mm = 0;
-      if (s >= 0) {
-        steer::row_coefficients(wp, sp, gate, r * gate_stride, s, m, coef);
-        mm = m;
+      if (s < 0) {  // untouched: in place it already holds its output; else a bit-exact copy
+        if (!in_place) {
+          std::memcpy(yp + r * y_stride + c0, xp + r * x_stride + c0, (c1 - c0) * sizeof(T));
+        }
+        continue;
       }
-      run_tile(xp + r * x_stride, yp + r * y_stride, vp + (s >= 0 ? s : 0) * m * d, d, coef, mm, c0,
-               c1);
+      steer::row_coefficients(wp, sp, gate, r * gate_stride, s, m, coef);
+      run_tile(xp + r * x_stride, yp + r * y_stride, vp + s * m * d, d, coef, m, c0, c1);
     }
   });
 }

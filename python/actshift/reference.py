@@ -78,11 +78,12 @@ def steer_program(
     def has(bit: int) -> torch.Tensor:
         return (flags & bit) != 0
 
-    # Read-outs on the input row.
-    mon = torch.einsum("rd,rpd->rp", xf, monitor[s]) * first(meta_r[:, 4], monitor.shape[1])
+    # Read-outs on the input row. Padding is masked with where, not a product: a NaN in x must
+    # not reach a plan through the zero rows other plans of the bank pad it with (NaN · 0 is NaN).
+    mon = torch.where(first(meta_r[:, 4], monitor.shape[1]), torch.einsum("rd,rpd->rp", xf, monitor[s]), 0.0)
     norm = xf.pow(2).sum(1).sqrt()
     U = ablate[s]
-    ablate_coef = (torch.einsum("rd,rkd->rk", xf, U) - targets[s]) * first(meta_r[:, 1], ablate.shape[1])
+    ablate_coef = torch.where(first(meta_r[:, 1], ablate.shape[1]), torch.einsum("rd,rkd->rk", xf, U) - targets[s], 0.0)
     cond = torch.ones(rows, device=dev)
     if condition.shape[1] == 1:
         dot = (xf * condition[s, 0]).sum(1)
@@ -101,7 +102,7 @@ def steer_program(
         picked = z.gather(1, idx)
         edited = neuron_val[s, 0] * picked + neuron_val[s, 1]
         # Indices are unique within a plan and padding contributes 0, so adding the change is exact.
-        z = z.scatter_add(1, idx, (edited - picked) * first(meta_r[:, 3], neuron_idx.shape[1]))
+        z = z.scatter_add(1, idx, torch.where(first(meta_r[:, 3], neuron_idx.shape[1]), edited - picked, 0.0))
     g = cond if gate is None else gate.float() * cond
     c = scalars[s, 0] * g
     y = xf + c[:, None] * (z - xf)
