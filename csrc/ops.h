@@ -78,14 +78,16 @@ std::tuple<at::Tensor, at::Tensor> adascale_stats_cuda(const at::Tensor& z,
 #endif
 
 // Validates the steer arguments (shapes, dtypes, devices, contiguity) for any backend. Slot *values*
-// are checked by the CPU kernel while it runs; on CUDA an out-of-range slot leaves its row untouched.
+// are checked by the CPU op before it writes anything; on CUDA an out-of-range slot leaves its row
+// untouched.
 void check_steer_args(const at::Tensor& x, const at::Tensor& vectors, const at::Tensor& weights,
                       const at::Tensor& strength, const std::optional<at::Tensor>& gate,
                       const std::optional<at::Tensor>& slot);
 
-// Checks the `out` of steer_out: x's shape, dtype and device, a contiguous last dim, and either
-// exactly x (in place) or no memory overlap with x.
-void check_steer_out(const at::Tensor& x, const at::Tensor& out);
+// Checks the `out` of steer_out / steer_program_out (`op` names it in messages): x's shape, dtype
+// and device, a contiguous last dim, no internal overlap, and either exactly x (in place) or no
+// element shared with x.
+void check_steer_out(const at::Tensor& x, const at::Tensor& out, const char* op = "steer");
 
 // Validates the percentile_scale arguments (z [N, D] float, k [N] int32 on z's device with values
 // checked on the CPU only, method in range, clip finite) for any backend.

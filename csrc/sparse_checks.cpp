@@ -1,6 +1,8 @@
 // Argument checks of the sparse ops (sparse_threshold, sparse_linear, relu_ffn), shared by the CPU
 // and CUDA torch implementations. Values of a threshold tensor are checked only on the CPU (on a
 // GPU that would cost a device sync; the Python wrapper checks them in eager mode).
+#include <cstring>
+
 #include "actshift/sparse.h"
 #include "ops.h"
 
@@ -52,8 +54,13 @@ void check_sparse_threshold_args(const at::Tensor& x, const at::Tensor& threshol
                     " but x is on ", x.device());
   TORCH_CHECK_VALUE(threshold.is_contiguous(), op, ": threshold must be contiguous");
   if (threshold.device().is_cpu()) {
-    const float* t = threshold.data_ptr<float>();
-    for (int64_t i = 0; i < threshold.numel(); ++i) check_threshold_value(t[i], op);
+    // memcpy: the CPU ops align their inputs only after these checks (see cpu/aligned.h).
+    const auto* t = static_cast<const char*>(threshold.data_ptr());
+    for (int64_t i = 0; i < threshold.numel(); ++i) {
+      float v;
+      std::memcpy(&v, t + i * sizeof(float), sizeof(float));
+      check_threshold_value(v, op);
+    }
   }
 }
 

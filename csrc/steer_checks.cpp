@@ -2,6 +2,7 @@
 #include "ops.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <vector>
 
 #include "actshift/steer.h"
@@ -16,9 +17,30 @@ void check_float32(const at::Tensor& t, const char* name, int64_t dim) {
                     t.sizes());
   TORCH_CHECK_VALUE(t.is_contiguous(), "steer: ", name, " must be contiguous");
 }
-void check_same_device(const at::Tensor& x, const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.device() == x.device(), "steer: ", name, " is on ", t.device(),
+void check_same_device(const at::Tensor& x, const at::Tensor& t, const char* name,
+                       const char* op = "steer") {
+  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(),
                     " but x is on ", x.device());
+}
+// gate [rows] fp32 and slot [rows] int32/int64, each of any stride (an expanded per-row value has
+// stride 0): the kernels index them by row * stride(0).
+void check_row_args(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& gate,
+                    const std::optional<at::Tensor>& slot) {
+  const int64_t rows = x.size(0);
+  if (gate.has_value()) {
+    TORCH_CHECK_TYPE(gate->scalar_type() == at::kFloat, op, ": gate must be float32, got ",
+                     gate->scalar_type());
+    TORCH_CHECK_VALUE(gate->dim() == 1 && gate->size(0) == rows, op, ": gate must be [", rows,
+                      "], got ", gate->sizes());
+    check_same_device(x, *gate, "gate", op);
+  }
+  if (slot.has_value()) {
+    TORCH_CHECK_TYPE(slot->scalar_type() == at::kInt || slot->scalar_type() == at::kLong, op,
+                     ": slot must be int32 or int64, got ", slot->scalar_type());
+    TORCH_CHECK_VALUE(slot->dim() == 1 && slot->size(0) == rows, op, ": slot must be [", rows,
+                      "], got ", slot->sizes());
+    check_same_device(x, *slot, "slot", op);
+  }
 }
 }  // namespace
 
@@ -29,11 +51,11 @@ void check_steer_args(const at::Tensor& x, const at::Tensor& vectors, const at::
                        x.scalar_type() == at::kBFloat16,
                    "steer: x must be float32, float16 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK_VALUE(x.dim() == 2, "steer: x must be [rows, d], got shape ", x.sizes());
-  TORCH_CHECK_VALUE(x.size(1) == 0 || x.stride(1) == 1, "steer: x must have a contiguous last dim");
+  TORCH_CHECK_VALUE(x.size(1) <= 1 || x.stride(1) == 1, "steer: x must have a contiguous last dim");
   check_float32(vectors, "vectors", 3);
   check_float32(weights, "weights", 2);
   check_float32(strength, "strength", 1);
-  const int64_t rows = x.size(0), d = x.size(1), S = vectors.size(0), m = vectors.size(1);
+  const int64_t d = x.size(1), S = vectors.size(0), m = vectors.size(1);
   TORCH_CHECK_VALUE(S >= 1, "steer: vectors must hold at least one plan");
   TORCH_CHECK_VALUE(m <= steer::kMaxVectors, "steer: vectors holds ", m,
                     " vectors per plan; at most ", steer::kMaxVectors,
@@ -47,40 +69,56 @@ void check_steer_args(const at::Tensor& x, const at::Tensor& vectors, const at::
   check_same_device(x, vectors, "vectors");
   check_same_device(x, weights, "weights");
   check_same_device(x, strength, "strength");
-  if (gate.has_value()) {
-    check_float32(*gate, "gate", 1);
-    TORCH_CHECK_VALUE(gate->size(0) == rows, "steer: gate must be [", rows, "], got ",
-                      gate->sizes());
-    check_same_device(x, *gate, "gate");
-  }
-  if (slot.has_value()) {
-    TORCH_CHECK_TYPE(slot->scalar_type() == at::kInt || slot->scalar_type() == at::kLong,
-                     "steer: slot must be int32 or int64, got ", slot->scalar_type());
-    TORCH_CHECK_VALUE(slot->dim() == 1 && slot->size(0) == rows, "steer: slot must be [", rows,
-                      "], got ", slot->sizes());
-    TORCH_CHECK_VALUE(slot->is_contiguous(), "steer: slot must be contiguous");
-    check_same_device(x, *slot, "slot");
-  }
+  check_row_args("steer", x, gate, slot);
 }
 
-void check_steer_out(const at::Tensor& x, const at::Tensor& out) {
-  TORCH_CHECK_TYPE(out.scalar_type() == x.scalar_type(), "steer: out must have x's dtype ",
+void check_steer_out(const at::Tensor& x, const at::Tensor& out, const char* op) {
+  TORCH_CHECK_TYPE(out.scalar_type() == x.scalar_type(), op, ": out must have x's dtype ",
                    x.scalar_type(), ", got ", out.scalar_type());
-  TORCH_CHECK_VALUE(out.sizes() == x.sizes(), "steer: out must have x's shape ", x.sizes(),
+  TORCH_CHECK_VALUE(out.sizes() == x.sizes(), op, ": out must have x's shape ", x.sizes(),
                     ", got ", out.sizes());
-  check_same_device(x, out, "out");
-  TORCH_CHECK_VALUE(out.size(1) == 0 || out.stride(1) == 1,
-                    "steer: out must have a contiguous last dim");
-  if (out.numel() == 0 || (out.data_ptr() == x.data_ptr() && out.strides() == x.strides())) return;
-  // Rows are read and written tile by tile, so out may be x itself but must not partially overlap.
-  const auto span = [](const at::Tensor& t) {
-    const auto* p = static_cast<const char*>(t.data_ptr());
-    return std::make_pair(p, p + ((t.size(0) - 1) * t.stride(0) + t.size(1)) * t.element_size());
-  };
-  const auto [x0, x1] = span(x);
-  const auto [o0, o1] = span(out);
-  TORCH_CHECK_VALUE(o1 <= x0 || x1 <= o0, "steer: out overlaps x; pass out=x for in-place "
-                    "steering or a separate tensor");
+  check_same_device(x, out, "out", op);
+  const int64_t rows = out.size(0), d = out.size(1);
+  TORCH_CHECK_VALUE(d <= 1 || out.stride(1) == 1, op, ": out must have a contiguous last dim");
+  if (out.numel() == 0) return;
+  // Rows of [rows, d] with a unit last stride share memory iff the row stride is below d. Torch's
+  // in-place ops refuse such a written-to tensor the same way (their message, our ValueError).
+  TORCH_CHECK_VALUE(rows == 1 || std::abs(out.stride(0)) >= d, op,
+                    ": out has internal overlap (more than one element of the written-to tensor "
+                    "refers to a single memory location, e.g. an expanded tensor); clone() it first");
+  if (out.data_ptr() == x.data_ptr() && out.strides() == x.strides()) return;
+  // Rows are read and written tile by tile, so out may be x itself but must share no element with
+  // it. Both are rows of d elements: with equal row strides (interleaved views of one buffer) the
+  // test is exact, otherwise it compares the spans the two occupy.
+  const int64_t es = x.element_size();
+  const int64_t len = d * es;  // bytes of one row
+  const auto* xp = static_cast<const char*>(x.data_ptr());
+  const auto* op_ = static_cast<const char*>(out.data_ptr());
+  bool overlap;
+  if (rows == 1 || x.stride(0) == out.stride(0)) {
+    // Row q of out against row r of x: |delta + (q - r) * stride| < len for some |q - r| < rows.
+    const int64_t delta = op_ - xp, step = (rows == 1 ? 0 : x.stride(0)) * es;
+    overlap = std::abs(delta) < len;
+    if (!overlap && step != 0) {
+      // |delta + k * a| is convex in k: its minimum over |k| < rows lies next to the clamped
+      // real minimizer.
+      const int64_t a = std::abs(step);
+      const int64_t k = std::clamp<int64_t>(-delta / a, -(rows - 1), rows - 1);
+      for (int64_t kk : {k - 1, k, k + 1}) {
+        if (kk > -rows && kk < rows && std::abs(delta + kk * a) < len) overlap = true;
+      }
+    }
+  } else {
+    const auto span = [&](const at::Tensor& t) {
+      const auto* p = static_cast<const char*>(t.data_ptr());
+      return std::make_pair(p, p + (rows - 1) * t.stride(0) * es + len);
+    };
+    const auto [x0, x1] = span(x);
+    const auto [o0, o1] = span(out);
+    overlap = !(o1 <= x0 || x1 <= o0);
+  }
+  TORCH_CHECK_VALUE(!overlap, op, ": out overlaps x; pass out=x for in-place steering or a "
+                    "separate tensor");
 }
 
 // --- steer_program ----------------------------------------------------------------------------
@@ -111,7 +149,7 @@ void check_steer_program_args(const at::Tensor& x, const SteerProgram& p,
                        x.scalar_type() == at::kBFloat16,
                    "steer_program: x must be float32, float16 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK_VALUE(x.dim() == 2, "steer_program: x must be [rows, d], got shape ", x.sizes());
-  TORCH_CHECK_VALUE(x.size(1) == 0 || x.stride(1) == 1,
+  TORCH_CHECK_VALUE(x.size(1) <= 1 || x.stride(1) == 1,
                     "steer_program: x must have a contiguous last dim");
   const int64_t rows = x.size(0), d = x.size(1);
   check_program_tensor(x, p.meta, "meta", at::kInt, 2);
@@ -159,23 +197,17 @@ void check_steer_program_args(const at::Tensor& x, const SteerProgram& p,
   check_rows_of(p.monitor, "monitor", S, d);
   TORCH_CHECK_VALUE(p.monitor.size(1) <= steer::kMaxMonitors, "steer_program: monitor holds ",
                     p.monitor.size(1), " read-outs per plan; at most ", steer::kMaxMonitors);
-  if (gate.has_value()) {
-    check_program_tensor(x, *gate, "gate", at::kFloat, 1);
-    TORCH_CHECK_VALUE(gate->size(0) == rows, "steer_program: gate must be [", rows, "], got ",
-                      gate->sizes());
-  }
-  if (slot.has_value()) {
-    TORCH_CHECK_TYPE(slot->scalar_type() == at::kInt || slot->scalar_type() == at::kLong,
-                     "steer_program: slot must be int32 or int64, got ", slot->scalar_type());
-    check_program_tensor(x, *slot, "slot", slot->scalar_type(), 1);
-    TORCH_CHECK_VALUE(slot->size(0) == rows, "steer_program: slot must be [", rows, "], got ",
-                      slot->sizes());
-  }
+  check_row_args("steer_program", x, gate, slot);
   if (row_weights.has_value()) {
-    check_program_tensor(x, *row_weights, "row_weights", at::kFloat, 2);
-    TORCH_CHECK_VALUE(row_weights->size(0) == rows && row_weights->size(1) == M,
-                      "steer_program: row_weights must be [", rows, ", ", M, "], got ",
-                      row_weights->sizes());
+    const at::Tensor& w = *row_weights;
+    TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat, "steer_program: row_weights must be float32, got ",
+                     w.scalar_type());
+    TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == rows && w.size(1) == M,
+                      "steer_program: row_weights must be [", rows, ", ", M, "], got ", w.sizes());
+    // Any row stride (one weight row expanded over every row has stride 0); each row contiguous.
+    TORCH_CHECK_VALUE(M <= 1 || w.stride(1) == 1,
+                      "steer_program: row_weights must have a contiguous last dim");
+    check_same_device(x, w, "row_weights", "steer_program");
   }
 }
 

@@ -25,11 +25,18 @@ cuda::DType dtype_of(const at::Tensor& t) {
                                         : cuda::DType::kBFloat16;
 }
 
+// The checks admit per-row tensors (gate, slot, row_weights) of any row stride; the CUDA kernels
+// index them densely, so a strided one (an expanded per-row value) becomes a small dense copy.
+std::optional<at::Tensor> dense_rows(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+}
+
 // Launches the kernel into `out` (already checked against x); x and every argument are on the
 // current CUDA device.
 void launch(const at::Tensor& x, const at::Tensor& vectors, const at::Tensor& weights,
-            const at::Tensor& strength, const std::optional<at::Tensor>& gate,
-            const std::optional<at::Tensor>& slot, at::Tensor& out) {
+            const at::Tensor& strength, const std::optional<at::Tensor>& gate_arg,
+            const std::optional<at::Tensor>& slot_arg, at::Tensor& out) {
+  const std::optional<at::Tensor> gate = dense_rows(gate_arg), slot = dense_rows(slot_arg);
   const cudaError_t err = cuda::launch_steer(
       dtype_of(x), x.const_data_ptr(), x.stride(0), out.mutable_data_ptr(), out.stride(0),
       x.size(0), x.size(1), vectors.const_data_ptr<float>(), weights.const_data_ptr<float>(),
@@ -49,11 +56,14 @@ void check_cuda(const at::Tensor& t, const char* op, const char* arg = "x") {
 
 // --- steer_program
 // Launches the program into `out` and `monitors` (both allocated and checked by the caller).
-void launch_program(const at::Tensor& x, const SteerProgram& p, const std::optional<at::Tensor>& gate,
-                    const std::optional<at::Tensor>& slot,
-                    const std::optional<at::Tensor>& row_weights, at::Tensor& out,
+void launch_program(const at::Tensor& x, const SteerProgram& p,
+                    const std::optional<at::Tensor>& gate_arg,
+                    const std::optional<at::Tensor>& slot_arg,
+                    const std::optional<at::Tensor>& row_weights_arg, at::Tensor& out,
                     at::Tensor& monitors) {
   if (x.size(0) == 0) return;
+  const std::optional<at::Tensor> gate = dense_rows(gate_arg), slot = dense_rows(slot_arg),
+                                  row_weights = dense_rows(row_weights_arg);
   // The launcher stages a row in shared memory; the bound depends on the device.
   const int64_t max_d = cuda::program_max_hidden_size();
   TORCH_CHECK_VALUE(x.size(1) <= max_d, "steer_program: x has hidden size ", x.size(1),
@@ -234,8 +244,8 @@ at::Tensor steer_program_out_cuda(
   const SteerProgram p{meta,    scalars,    ablate,     targets,   affine, vectors,
                        weights, neuron_idx, neuron_val, condition, monitor};
   check_steer_program_args(x, p, gate, slot, row_weights);
-  check_cuda(x, "steer_program");
-  check_steer_out(x, out);
+  check_cuda(x, "steer_program_out");
+  check_steer_out(x, out, "steer_program_out");
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor monitors = steer_program_monitors(x, p);
   launch_program(x, p, gate, slot, row_weights, out, monitors);

@@ -11,13 +11,13 @@ Math (the contract of csrc/include/actshift/percentile.h and actshift.reference)
                   4 ash_s: (kept ? z : 0)·e^r   5 react: min(z, clip), and no r
 A row holding NaN or Inf (after the clip) gives r = NaN and y = NaN (react excepted: it is only the
 clip). AdaSCALE per row, with z̃ the perturbed row and kept_k the mask above for k:
-    Q = Σ kept_k1 · |z − z̃|,   C_o = Σ kept_k2 · relu(z̃)
+    Q = Σ_{kept_k1} |z − z̃|,   C_o = Σ_{kept_k2} relu(z̃)   (positions not kept are never summed)
 
 Comparisons use the order-preserving uint32 key of the fp32 value (a < b <=> key(a) < key(b)):
 bits ^ 0xFFFFFFFF for a set sign bit, bits | 0x80000000 otherwise, with -0.0 first turned into
-+0.0 (they tie, and ties go by index), as in percentile.h. Beyond the header, every NaN gets the
-largest key, as torch.sort orders it: then the kept mask equals reference.topk_mask bit for bit
-even for a z holding NaN (which only adascale_stats' C_o can show: elsewhere the row is NaN).
++0.0 (they tie, and ties go by index), and every NaN (either sign) given the largest key, as
+torch.sort orders it, all as in percentile.h: then the kept mask equals reference.topk_mask bit for
+bit even for a z holding NaN (which only adascale_stats can show: elsewhere the row is NaN).
 
 Design: one program per row, the whole row in registers (BLOCK_D = next_power_of_2(D), D up to
 _MAX_D = 16384). The k-th largest key is found exactly by bisection on its bits, most significant
@@ -159,10 +159,10 @@ def _adascale_stats_kernel(
     key = tl.where(mask, _order_key(z), 0)
     kept1, _, _ = _top_k(key, k1)
     kept2, _, _ = _top_k(key, k2)
-    # Multiplying by the mask (rather than tl.where) lets a NaN or Inf anywhere in the row reach
-    # the sums, as in the reference; relu by tl.where keeps a NaN of z̃ (tl.maximum may drop it).
-    q = tl.sum(tl.abs(z - zp) * kept1.to(tl.float32), axis=0)
-    c_o = tl.sum(tl.where(zp < 0.0, 0.0, zp) * kept2.to(tl.float32), axis=0)
+    # Only kept positions are summed (tl.where, not a product with the mask: NaN · 0 is NaN), as
+    # on every backend; relu by tl.where keeps a NaN of z̃ (tl.maximum may drop it).
+    q = tl.sum(tl.where(kept1, tl.abs(z - zp), 0.0), axis=0)
+    c_o = tl.sum(tl.where(kept2, tl.where(zp < 0.0, 0.0, zp), 0.0), axis=0)
     tl.store(q_ptr + row, q)
     tl.store(c_ptr + row, c_o)
 

@@ -46,6 +46,8 @@ def _steer_kernel(
     d,
     x_stride,
     y_stride,
+    gate_stride,
+    slot_stride,
     m,
     num_plans,
     HAS_GATE: tl.constexpr,
@@ -62,7 +64,7 @@ def _steer_kernel(
     s = 0
     n = m
     if HAS_SLOT:
-        s = tl.load(slot_ptr + row).to(tl.int64)
+        s = tl.load(slot_ptr + row * slot_stride).to(tl.int64)
         valid = (s >= 0) & (s < num_plans)
         # An out-of-range row reads plan 0's scalars (always in bounds) and runs no iteration;
         # its x is stored as is below, so stale slot tables never read out of bounds.
@@ -71,7 +73,7 @@ def _steer_kernel(
 
     scale = tl.load(strength_ptr + s)
     if HAS_GATE:
-        scale = scale * tl.load(gate_ptr + row)
+        scale = scale * tl.load(gate_ptr + row * gate_stride)
 
     acc = x.to(tl.float32)
     w_ptr = weights_ptr + s * m
@@ -106,7 +108,8 @@ def steer(
     """y = x + λ_s · g · Σ_j w_{s,j} v_{s,j} per row, written to `out` or a new contiguous tensor.
 
     Expects validated inputs: x [rows, d] with a contiguous last dim, vectors [S, m, d],
-    weights [S, m], strength [S], gate [rows] (all fp32 and contiguous), slot [rows] int32/int64;
+    weights [S, m], strength [S] (fp32, contiguous), gate [rows] fp32 and slot [rows] int32/int64
+    (any stride: an expanded per-row value has stride 0);
     out [rows, d] of x's dtype with a contiguous last dim, either x itself or not overlapping it
     (each program reads its slice of x before writing the same slice of out). `in_place` says out
     is x (decided by the caller: data pointers are not readable while torch.compile traces), so
@@ -131,6 +134,8 @@ def steer(
         d,
         x.stride(0),
         y.stride(0),
+        0 if gate is None else gate.stride(0),
+        0 if slot is None else slot.stride(0),
         vectors.shape[1],
         vectors.shape[0],
         HAS_GATE=gate is not None,
@@ -172,7 +177,7 @@ def _program_kernel(
     x_ptr, y_ptr, mon_ptr,
     meta_ptr, scalars_ptr, ablate_ptr, targets_ptr, affine_ptr, vectors_ptr, weights_ptr,
     nidx_ptr, nval_ptr, cond_ptr, monitor_ptr, gate_ptr, slot_ptr, roww_ptr,
-    d, x_stride, y_stride, S, K, M, N, P,
+    d, x_stride, y_stride, gate_stride, slot_stride, roww_stride, S, K, M, N, P,
     HAS_GATE: tl.constexpr, HAS_SLOT: tl.constexpr, HAS_ROW_W: tl.constexpr,
     HAS_AFFINE: tl.constexpr, HAS_COND: tl.constexpr, HAS_MON: tl.constexpr, IN_PLACE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -185,7 +190,7 @@ def _program_kernel(
 
     s = row * 0
     if HAS_SLOT:
-        s = tl.load(slot_ptr + row).to(tl.int64)
+        s = tl.load(slot_ptr + row * slot_stride).to(tl.int64)
     valid = (s >= 0) & (s < S)
     s = tl.where(valid, s, 0)  # plan 0's metadata is always in bounds; its counts are zeroed below
     meta = meta_ptr + s * 5
@@ -203,7 +208,7 @@ def _program_kernel(
     x_sq = tl.sum(x * x, axis=0)
     g = tl.full((), 1.0, tl.float32)
     if HAS_GATE:
-        g = tl.load(gate_ptr + row)
+        g = tl.load(gate_ptr + row * gate_stride)
     if HAS_COND:
         if (flags & 2) != 0:
             dot = tl.sum(x * tl.load(cond_ptr + s * d + cols, mask=mask, other=0.0), axis=0)
@@ -241,7 +246,7 @@ def _program_kernel(
             zn = tl.load(a_ptr + idx, mask=nmask, other=0.0) * zn + tl.load(a_ptr + d + idx, mask=nmask, other=0.0)
     w_ptr = weights_ptr + s * M
     if HAS_ROW_W:
-        w_ptr = roww_ptr + row * M
+        w_ptr = roww_ptr + row * roww_stride
     for j in range(m):
         wj = tl.load(w_ptr + j)
         v_ptr = vectors_ptr + (s * M + j) * d
@@ -299,7 +304,8 @@ def steer_program(
 
     Expects the validated bank of SteeringBank.program (layout: csrc/torch_bindings.cpp) on x's
     device, x [rows, d] with a contiguous last dim and d <= PROGRAM_MAX_D, gate [rows] fp32, slot
-    [rows] int32/int64, row_weights [rows, M] fp32; out like x, either x itself (`in_place`, decided
+    [rows] int32/int64 and row_weights [rows, M] fp32 (each row contiguous), all three of any row
+    stride; out like x, either x itself (`in_place`, decided
     by the caller) or not overlapping it. No host synchronisation, so torch.compile can trace it.
     """
     rows, d = x.shape
@@ -327,7 +333,11 @@ def steer_program(
         x if gate is None else gate,  # dummy pointers, never read when the flag is off
         x if slot is None else slot,
         x if row_weights is None else row_weights,
-        d, x.stride(0), y.stride(0), meta.shape[0], ablate.shape[1], vectors.shape[1],
+        d, x.stride(0), y.stride(0),
+        0 if gate is None else gate.stride(0),
+        0 if slot is None else slot.stride(0),
+        0 if row_weights is None else row_weights.stride(0),
+        meta.shape[0], ablate.shape[1], vectors.shape[1],
         neuron_idx.shape[1], P,
         HAS_GATE=gate is not None,
         HAS_SLOT=slot is not None,

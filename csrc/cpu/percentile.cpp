@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "actshift/percentile.h"
+#include "cpu/aligned.h"
 #include "cpu/convert.h"
 #include "ops.h"
 
@@ -269,10 +270,12 @@ void check_cpu(const at::Tensor& z, const char* op) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> percentile_scale_cpu(const at::Tensor& z, const at::Tensor& k,
-                                                        int64_t method, std::optional<double> clip) {
-  check_percentile_args(z, k, method, clip);
-  check_cpu(z, "percentile_scale");
+std::tuple<at::Tensor, at::Tensor> percentile_scale_cpu(const at::Tensor& z_arg,
+                                                        const at::Tensor& k_arg, int64_t method,
+                                                        std::optional<double> clip) {
+  check_percentile_args(z_arg, k_arg, method, clip);
+  check_cpu(z_arg, "percentile_scale");
+  const at::Tensor z = cpu::aligned(z_arg), k = cpu::aligned(k_arg);
   auto [y, r] = percentile_outputs(z, method);
   if (z.numel() == 0) return {y, r};
   const bool has_clip = clip.has_value();
@@ -288,11 +291,12 @@ std::tuple<at::Tensor, at::Tensor> percentile_scale_cpu(const at::Tensor& z, con
   return {y, r};
 }
 
-std::tuple<at::Tensor, at::Tensor> adascale_stats_cpu(const at::Tensor& z,
-                                                      const at::Tensor& z_perturbed, int64_t k1,
+std::tuple<at::Tensor, at::Tensor> adascale_stats_cpu(const at::Tensor& z_arg,
+                                                      const at::Tensor& z_perturbed_arg, int64_t k1,
                                                       int64_t k2) {
-  check_adascale_args(z, z_perturbed, k1, k2);
-  check_cpu(z, "adascale_stats");
+  check_adascale_args(z_arg, z_perturbed_arg, k1, k2);
+  check_cpu(z_arg, "adascale_stats");
+  const at::Tensor z = cpu::aligned(z_arg), z_perturbed = cpu::aligned(z_perturbed_arg);
   const auto opts = z.options().dtype(at::kFloat);
   at::Tensor q = at::empty({z.size(0)}, opts), c_o = at::empty({z.size(0)}, opts);
   if (z.numel() == 0) return {q, c_o};

@@ -15,6 +15,7 @@
 #include <memory>
 
 #include "actshift/sparse.h"
+#include "cpu/aligned.h"
 #include "cpu/convert.h"
 #include "cpu/sparse_rows.h"
 #include "ops.h"
@@ -254,13 +255,18 @@ at::Tensor dense(const at::Tensor& x, const at::Tensor& w_gate,
 
 }  // namespace
 
-at::Tensor relu_ffn_cpu(const at::Tensor& x, const at::Tensor& w_gate,
-                        const std::optional<at::Tensor>& w_up, const at::Tensor& w_down_t,
-                        int64_t act, double threshold, const std::optional<at::Tensor>& b_gate,
-                        const std::optional<at::Tensor>& b_up,
-                        const std::optional<at::Tensor>& b_down) {
-  check_relu_ffn_args(x, w_gate, w_up, w_down_t, act, threshold, b_gate, b_up, b_down);
-  TORCH_CHECK_VALUE(x.device().is_cpu(), "relu_ffn: x must be a CPU tensor for the cpu backend");
+at::Tensor relu_ffn_cpu(const at::Tensor& x_arg, const at::Tensor& w_gate_arg,
+                        const std::optional<at::Tensor>& w_up_arg, const at::Tensor& w_down_t_arg,
+                        int64_t act, double threshold, const std::optional<at::Tensor>& b_gate_arg,
+                        const std::optional<at::Tensor>& b_up_arg,
+                        const std::optional<at::Tensor>& b_down_arg) {
+  check_relu_ffn_args(x_arg, w_gate_arg, w_up_arg, w_down_t_arg, act, threshold, b_gate_arg,
+                      b_up_arg, b_down_arg);
+  TORCH_CHECK_VALUE(x_arg.device().is_cpu(), "relu_ffn: x must be a CPU tensor for the cpu backend");
+  const at::Tensor x = cpu::aligned(x_arg), w_gate = cpu::aligned(w_gate_arg),
+                   w_down_t = cpu::aligned(w_down_t_arg);
+  const std::optional<at::Tensor> w_up = cpu::aligned(w_up_arg), b_gate = cpu::aligned(b_gate_arg),
+                                  b_up = cpu::aligned(b_up_arg), b_down = cpu::aligned(b_down_arg);
   const int a = static_cast<int>(act);
   const float t = static_cast<float>(threshold);
   const int64_t rows = x.size(0);

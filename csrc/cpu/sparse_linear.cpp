@@ -10,6 +10,7 @@
 #include <memory>
 
 #include "actshift/sparse.h"
+#include "cpu/aligned.h"
 #include "cpu/convert.h"
 #include "cpu/sparse_rows.h"
 #include "ops.h"
@@ -74,10 +75,14 @@ bool sparse_path(const at::Tensor& x, const at::Tensor& weight_t, const at::Tens
 
 }  // namespace
 
-at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& weight_t,
-                             const at::Tensor& threshold, const std::optional<at::Tensor>& bias) {
-  check_sparse_linear_args(x, weight_t, threshold, bias);
-  TORCH_CHECK_VALUE(x.device().is_cpu(), "sparse_linear: x must be a CPU tensor for the cpu backend");
+at::Tensor sparse_linear_cpu(const at::Tensor& x_arg, const at::Tensor& weight_t_arg,
+                             const at::Tensor& threshold_arg,
+                             const std::optional<at::Tensor>& bias_arg) {
+  check_sparse_linear_args(x_arg, weight_t_arg, threshold_arg, bias_arg);
+  TORCH_CHECK_VALUE(x_arg.device().is_cpu(), "sparse_linear: x must be a CPU tensor for the cpu backend");
+  const at::Tensor x = cpu::aligned(x_arg), weight_t = cpu::aligned(weight_t_arg),
+                   threshold = cpu::aligned(threshold_arg);
+  const std::optional<at::Tensor> bias = cpu::aligned(bias_arg);
   const int64_t rows = x.size(0);
   if (rows > cpu::kMaxSparseRows) return dense(x, weight_t, threshold, bias);
   at::Tensor y = at::empty({rows, weight_t.size(1)}, x.options());

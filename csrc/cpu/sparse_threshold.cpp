@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 
 #include "actshift/sparse.h"
+#include "cpu/aligned.h"
 #include "cpu/convert.h"
 #include "ops.h"
 
@@ -61,9 +62,10 @@ void run(const at::Tensor& x, const at::Tensor& threshold, at::Tensor& y) {
 
 }  // namespace
 
-at::Tensor sparse_threshold_cpu(const at::Tensor& x, const at::Tensor& threshold) {
-  check_sparse_threshold_args(x, threshold);
-  TORCH_CHECK_VALUE(x.device().is_cpu(), "sparse_threshold: x must be a CPU tensor for the cpu backend");
+at::Tensor sparse_threshold_cpu(const at::Tensor& x_arg, const at::Tensor& threshold_arg) {
+  check_sparse_threshold_args(x_arg, threshold_arg);
+  TORCH_CHECK_VALUE(x_arg.device().is_cpu(), "sparse_threshold: x must be a CPU tensor for the cpu backend");
+  const at::Tensor x = cpu::aligned(x_arg), threshold = cpu::aligned(threshold_arg);
   at::Tensor y = at::empty_like(x);
   if (x.numel() == 0) return y;
   switch (x.scalar_type()) {

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "actshift/steer.h"
+#include "cpu/aligned.h"
 #include "cpu/convert.h"
 #include "ops.h"
 
@@ -74,10 +75,11 @@ constexpr int64_t kTileCols = 4096;
 // rows) stay on one thread, where waking another costs more than it saves.
 constexpr int64_t kGrainElems = 32768;
 
+// gate and slot are read at row * their stride (stride 0: one value expanded over every row).
 template <typename T, typename IndexT>
 void steer_kernel(const at::Tensor& x, at::Tensor& y, const at::Tensor& vectors,
                   const at::Tensor& weights, const at::Tensor& strength, const float* gate,
-                  const IndexT* slot) {
+                  int64_t gate_stride, const IndexT* slot, int64_t slot_stride) {
   const int64_t rows = x.size(0), d = x.size(1), S = vectors.size(0);
   const int m = static_cast<int>(vectors.size(1));
   const int64_t x_stride = x.stride(0), y_stride = y.stride(0);
@@ -98,21 +100,16 @@ void steer_kernel(const at::Tensor& x, at::Tensor& y, const at::Tensor& vectors,
       const int64_t r = t / tiles_per_row;
       const int64_t c0 = (t % tiles_per_row) * kTileCols;
       const int64_t c1 = std::min(d, c0 + kTileCols);
-      // Checked here rather than in a separate pass: the value is read anyway.
-      if (slot != nullptr) {
-        const int64_t raw = static_cast<int64_t>(slot[r]);
-        TORCH_CHECK_VALUE(raw < S, "steer: slot[", r, "] = ", raw, " is out of range for ", S,
-                          " plans");
+      // The helpers' "row" argument is the element index into slot / gate.
+      const int64_t s = steer::resolve_slot(slot, r * slot_stride, S);
+      if (s < 0) {  // untouched: in place it already holds its output; else a bit-exact copy
+        if (!in_place) {
+          std::memcpy(yp + r * y_stride + c0, xp + r * x_stride + c0, (c1 - c0) * sizeof(T));
+        }
+        continue;
       }
-      const int64_t s = steer::resolve_slot(slot, r, S);
-      if (s < 0 && in_place) continue;  // an untouched row already holds its output
-      int mm = 0;
-      if (s >= 0) {
-        steer::row_coefficients(wp, sp, gate, r, s, m, coef);
-        mm = m;
-      }
-      run_tile(xp + r * x_stride, yp + r * y_stride, vp + (s >= 0 ? s : 0) * m * d, d, coef, mm, c0,
-               c1);
+      steer::row_coefficients(wp, sp, gate, r * gate_stride, s, m, coef);
+      run_tile(xp + r * x_stride, yp + r * y_stride, vp + s * m * d, d, coef, m, c0, c1);
     }
   });
 }
@@ -122,12 +119,15 @@ void dispatch_slot(const at::Tensor& x, at::Tensor& y, const at::Tensor& vectors
                    const at::Tensor& weights, const at::Tensor& strength,
                    const std::optional<at::Tensor>& gate, const std::optional<at::Tensor>& slot) {
   const float* g = gate.has_value() ? gate->data_ptr<float>() : nullptr;
+  const int64_t gs = gate.has_value() ? gate->stride(0) : 0;
   if (!slot.has_value()) {
-    steer_kernel<T, int64_t>(x, y, vectors, weights, strength, g, nullptr);
+    steer_kernel<T, int64_t>(x, y, vectors, weights, strength, g, gs, nullptr, 0);
   } else if (slot->scalar_type() == at::kInt) {
-    steer_kernel<T, int32_t>(x, y, vectors, weights, strength, g, slot->data_ptr<int32_t>());
+    steer_kernel<T, int32_t>(x, y, vectors, weights, strength, g, gs, slot->data_ptr<int32_t>(),
+                             slot->stride(0));
   } else {
-    steer_kernel<T, int64_t>(x, y, vectors, weights, strength, g, slot->data_ptr<int64_t>());
+    steer_kernel<T, int64_t>(x, y, vectors, weights, strength, g, gs, slot->data_ptr<int64_t>(),
+                             slot->stride(0));
   }
 }
 
@@ -142,8 +142,27 @@ void run(const at::Tensor& x, const at::Tensor& vectors, const at::Tensor& weigh
   }
 }
 
-void check_cpu(const at::Tensor& x) {
-  TORCH_CHECK_VALUE(x.device().is_cpu(), "steer: x must be a CPU tensor for the cpu backend");
+void check_cpu(const at::Tensor& x, const char* op) {
+  TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": x must be a CPU tensor for the cpu backend");
+}
+
+// Every slot must name a plan of the bank (negative: untouched). Checked before the kernel writes
+// anything, so a bad slot never leaves `out` half written.
+void check_slot_values(const std::optional<at::Tensor>& slot, int64_t num_plans, const char* op) {
+  if (!slot.has_value()) return;
+  const auto scan = [&](const auto* p) {
+    const int64_t stride = slot->stride(0);
+    for (int64_t r = 0; r < slot->size(0); ++r) {
+      const int64_t v = static_cast<int64_t>(p[r * stride]);
+      TORCH_CHECK_VALUE(v < num_plans, op, ": slot[", r, "] = ", v, " is out of range for ",
+                        num_plans, " plan(s); use -1 to leave a row untouched");
+    }
+  };
+  if (slot->scalar_type() == at::kInt) {
+    scan(slot->data_ptr<int32_t>());
+  } else {
+    scan(slot->data_ptr<int64_t>());
+  }
 }
 
 // --- steer_program ------------------------------------------------------------------------------
@@ -300,21 +319,26 @@ __attribute__((always_inline)) inline bool program_row(const ProgramView& v, int
   return true;
 }
 
+// The optional per-row arguments, each read at row * its stride (0: one value for every row).
+template <typename IndexT>
+struct RowArgs {
+  const float* gate;
+  int64_t gate_stride;
+  const IndexT* slot;
+  int64_t slot_stride;
+  const float* row_w;  // rows of M weights, each contiguous
+  int64_t row_w_stride;
+};
+
 // Rows [r0, r1) of the program, with the ISA chosen by the wrapper below.
 template <typename T, typename IndexT>
 __attribute__((always_inline)) inline void program_rows(const ProgramView& v, const T* xp,
                                                         int64_t x_stride, T* yp, int64_t y_stride,
-                                                        int64_t d, const float* gate,
-                                                        const IndexT* slot, const float* row_w,
+                                                        int64_t d, const RowArgs<IndexT>& ra,
                                                         float* mon, bool in_place, float* scratch,
                                                         int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
-    if (slot != nullptr) {
-      const int64_t raw = static_cast<int64_t>(slot[r]);
-      TORCH_CHECK_VALUE(raw < v.S, "steer_program: slot[", r, "] = ", raw,
-                        " is out of range for ", v.S, " plans");
-    }
-    const int64_t s = steer::resolve_slot(slot, r, v.S);
+    const int64_t s = steer::resolve_slot(ra.slot, r * ra.slot_stride, v.S);
     const T* x = xp + r * x_stride;
     T* y = yp + r * y_stride;
     float* mon_r = mon + r * v.P;
@@ -329,8 +353,10 @@ __attribute__((always_inline)) inline void program_rows(const ProgramView& v, co
         for (int64_t i = 0; i < d; ++i) scratch[d + i] = load(x, i);
         xin = scratch + d;
       }
-      steered = program_row<T>(v, s, xin, scratch, y, d, gate != nullptr ? gate[r] : 1.0f,
-                               row_w != nullptr ? row_w + r * v.M : nullptr, mon_r);
+      steered = program_row<T>(v, s, xin, scratch, y, d,
+                               ra.gate != nullptr ? ra.gate[r * ra.gate_stride] : 1.0f,
+                               ra.row_w != nullptr ? ra.row_w + r * ra.row_w_stride : nullptr,
+                               mon_r);
     }
     if (!steered && !in_place) std::memcpy(y, x, d * sizeof(T));  // bit-exact
   }
@@ -339,24 +365,20 @@ __attribute__((always_inline)) inline void program_rows(const ProgramView& v, co
 template <typename T, typename IndexT>
 __attribute__((target("avx2,fma,f16c"))) void program_rows_avx2(
     const ProgramView& v, const T* xp, int64_t x_stride, T* yp, int64_t y_stride, int64_t d,
-    const float* gate, const IndexT* slot, const float* row_w, float* mon, bool in_place,
-    float* scratch, int64_t r0, int64_t r1) {
-  program_rows<T, IndexT>(v, xp, x_stride, yp, y_stride, d, gate, slot, row_w, mon, in_place,
-                          scratch, r0, r1);
+    const RowArgs<IndexT>& ra, float* mon, bool in_place, float* scratch, int64_t r0, int64_t r1) {
+  program_rows<T, IndexT>(v, xp, x_stride, yp, y_stride, d, ra, mon, in_place, scratch, r0, r1);
 }
 
 template <typename T, typename IndexT>
 void program_rows_baseline(const ProgramView& v, const T* xp, int64_t x_stride, T* yp,
-                           int64_t y_stride, int64_t d, const float* gate, const IndexT* slot,
-                           const float* row_w, float* mon, bool in_place, float* scratch,
-                           int64_t r0, int64_t r1) {
-  program_rows<T, IndexT>(v, xp, x_stride, yp, y_stride, d, gate, slot, row_w, mon, in_place,
-                          scratch, r0, r1);
+                           int64_t y_stride, int64_t d, const RowArgs<IndexT>& ra, float* mon,
+                           bool in_place, float* scratch, int64_t r0, int64_t r1) {
+  program_rows<T, IndexT>(v, xp, x_stride, yp, y_stride, d, ra, mon, in_place, scratch, r0, r1);
 }
 
 template <typename T, typename IndexT>
-void program_kernel(const at::Tensor& x, at::Tensor& y, const ProgramView& v, const float* gate,
-                    const IndexT* slot, const float* row_w, float* mon) {
+void program_kernel(const at::Tensor& x, at::Tensor& y, const ProgramView& v,
+                    const RowArgs<IndexT>& ra, float* mon) {
   const int64_t rows = x.size(0), d = x.size(1);
   const T* xp = x.data_ptr<T>();
   T* yp = y.data_ptr<T>();
@@ -368,8 +390,7 @@ void program_kernel(const at::Tensor& x, at::Tensor& y, const ProgramView& v, co
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(d, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(2 * d);  // z, and the fp32 input row for fp16/bf16
-    run_rows(v, xp, x_stride, yp, y_stride, d, gate, slot, row_w, mon, in_place, scratch.data(),
-             begin, end);
+    run_rows(v, xp, x_stride, yp, y_stride, d, ra, mon, in_place, scratch.data(), begin, end);
   });
 }
 
@@ -379,13 +400,17 @@ void program_dispatch_slot(const at::Tensor& x, at::Tensor& y, const ProgramView
                            const std::optional<at::Tensor>& slot,
                            const std::optional<at::Tensor>& row_weights, float* mon) {
   const float* g = gate.has_value() ? gate->data_ptr<float>() : nullptr;
+  const int64_t gs = gate.has_value() ? gate->stride(0) : 0;
   const float* w = row_weights.has_value() ? row_weights->data_ptr<float>() : nullptr;
+  const int64_t ws = row_weights.has_value() ? row_weights->stride(0) : 0;
   if (!slot.has_value()) {
-    program_kernel<T, int64_t>(x, y, v, g, nullptr, w, mon);
+    program_kernel<T, int64_t>(x, y, v, RowArgs<int64_t>{g, gs, nullptr, 0, w, ws}, mon);
   } else if (slot->scalar_type() == at::kInt) {
-    program_kernel<T, int32_t>(x, y, v, g, slot->data_ptr<int32_t>(), w, mon);
+    program_kernel<T, int32_t>(
+        x, y, v, RowArgs<int32_t>{g, gs, slot->data_ptr<int32_t>(), slot->stride(0), w, ws}, mon);
   } else {
-    program_kernel<T, int64_t>(x, y, v, g, slot->data_ptr<int64_t>(), w, mon);
+    program_kernel<T, int64_t>(
+        x, y, v, RowArgs<int64_t>{g, gs, slot->data_ptr<int64_t>(), slot->stride(0), w, ws}, mon);
   }
 }
 
@@ -424,18 +449,28 @@ void steer_out_cpu(const at::Tensor& x, const at::Tensor& vectors, const at::Ten
                    const at::Tensor& strength, const std::optional<at::Tensor>& gate,
                    const std::optional<at::Tensor>& slot, at::Tensor& out) {
   check_steer_args(x, vectors, weights, strength, gate, slot);
-  check_cpu(x);
+  check_cpu(x, "steer");
   check_steer_out(x, out);
-  run(x, vectors, weights, strength, gate, slot, out);
+  if (!cpu::is_aligned(out)) {  // foreign memory at an odd address: write through an aligned copy
+    out.copy_(steer_cpu(x, vectors, weights, strength, gate, slot));
+    return;
+  }
+  const std::optional<at::Tensor> sl = cpu::aligned(slot);
+  check_slot_values(sl, vectors.size(0), "steer");
+  run(cpu::aligned(x), cpu::aligned(vectors), cpu::aligned(weights), cpu::aligned(strength),
+      cpu::aligned(gate), sl, out);
 }
 
 at::Tensor steer_cpu(const at::Tensor& x, const at::Tensor& vectors, const at::Tensor& weights,
                      const at::Tensor& strength, const std::optional<at::Tensor>& gate,
                      const std::optional<at::Tensor>& slot) {
   check_steer_args(x, vectors, weights, strength, gate, slot);
-  check_cpu(x);
+  check_cpu(x, "steer");
+  const std::optional<at::Tensor> sl = cpu::aligned(slot);
+  check_slot_values(sl, vectors.size(0), "steer");
   at::Tensor y = at::empty({x.size(0), x.size(1)}, x.options());
-  run(x, vectors, weights, strength, gate, slot, y);
+  run(cpu::aligned(x), cpu::aligned(vectors), cpu::aligned(weights), cpu::aligned(strength),
+      cpu::aligned(gate), sl, y);
   return y;
 }
 
@@ -443,20 +478,38 @@ at::Tensor steer_cpu(const at::Tensor& x, const at::Tensor& vectors, const at::T
 
 namespace actshift {
 
+namespace {
+// The bank with every tensor aligned (see cpu/aligned.h); `keep` owns any copies.
+SteerProgram aligned_program(const SteerProgram& p, std::vector<at::Tensor>& keep) {
+  const at::Tensor* parts[] = {&p.meta,    &p.scalars,    &p.ablate,     &p.targets,
+                               &p.affine,  &p.vectors,    &p.weights,    &p.neuron_idx,
+                               &p.neuron_val, &p.condition, &p.monitor};
+  keep.clear();
+  keep.reserve(11);
+  for (const at::Tensor* t : parts) keep.push_back(cpu::aligned(*t));
+  return SteerProgram{keep[0], keep[1], keep[2], keep[3], keep[4],  keep[5],
+                      keep[6], keep[7], keep[8], keep[9], keep[10]};
+}
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> steer_program_cpu(
     const at::Tensor& x, const at::Tensor& meta, const at::Tensor& scalars, const at::Tensor& ablate,
     const at::Tensor& targets, const at::Tensor& affine, const at::Tensor& vectors,
     const at::Tensor& weights, const at::Tensor& neuron_idx, const at::Tensor& neuron_val,
     const at::Tensor& condition, const at::Tensor& monitor, const std::optional<at::Tensor>& gate,
     const std::optional<at::Tensor>& slot, const std::optional<at::Tensor>& row_weights) {
-  const SteerProgram p{meta,    scalars,    ablate,     targets,   affine, vectors,
-                       weights, neuron_idx, neuron_val, condition, monitor};
-  check_steer_program_args(x, p, gate, slot, row_weights);
-  check_cpu(x);
+  const SteerProgram args{meta,    scalars,    ablate,     targets,   affine, vectors,
+                          weights, neuron_idx, neuron_val, condition, monitor};
+  check_steer_program_args(x, args, gate, slot, row_weights);
+  check_cpu(x, "steer_program");
+  std::vector<at::Tensor> keep;
+  const SteerProgram p = aligned_program(args, keep);
   check_steer_program_values(x, p);
+  const std::optional<at::Tensor> sl = cpu::aligned(slot);
+  check_slot_values(sl, p.meta.size(0), "steer_program");
   at::Tensor y = at::empty({x.size(0), x.size(1)}, x.options());
   at::Tensor monitors = steer_program_monitors(x, p);
-  run_program(x, p, gate, slot, row_weights, y, monitors);
+  run_program(cpu::aligned(x), p, cpu::aligned(gate), sl, cpu::aligned(row_weights), y, monitors);
   return {y, monitors};
 }
 
@@ -467,14 +520,25 @@ at::Tensor steer_program_out_cpu(
     const at::Tensor& condition, const at::Tensor& monitor, const std::optional<at::Tensor>& gate,
     const std::optional<at::Tensor>& slot, const std::optional<at::Tensor>& row_weights,
     at::Tensor& out) {
-  const SteerProgram p{meta,    scalars,    ablate,     targets,   affine, vectors,
-                       weights, neuron_idx, neuron_val, condition, monitor};
-  check_steer_program_args(x, p, gate, slot, row_weights);
-  check_cpu(x);
-  check_steer_out(x, out);
+  const SteerProgram args{meta,    scalars,    ablate,     targets,   affine, vectors,
+                          weights, neuron_idx, neuron_val, condition, monitor};
+  check_steer_program_args(x, args, gate, slot, row_weights);
+  check_cpu(x, "steer_program_out");
+  check_steer_out(x, out, "steer_program_out");
+  if (!cpu::is_aligned(out)) {  // foreign memory at an odd address: write through an aligned copy
+    auto [y, monitors] = steer_program_cpu(x, meta, scalars, ablate, targets, affine, vectors,
+                                           weights, neuron_idx, neuron_val, condition, monitor,
+                                           gate, slot, row_weights);
+    out.copy_(y);
+    return monitors;
+  }
+  std::vector<at::Tensor> keep;
+  const SteerProgram p = aligned_program(args, keep);
   check_steer_program_values(x, p);
+  const std::optional<at::Tensor> sl = cpu::aligned(slot);
+  check_slot_values(sl, p.meta.size(0), "steer_program_out");
   at::Tensor monitors = steer_program_monitors(x, p);
-  run_program(x, p, gate, slot, row_weights, out, monitors);
+  run_program(cpu::aligned(x), p, cpu::aligned(gate), sl, cpu::aligned(row_weights), out, monitors);
   return monitors;
 }
 

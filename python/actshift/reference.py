@@ -85,11 +85,12 @@ def steer_program(
     def has(bit: int) -> torch.Tensor:
         return (flags & bit) != 0
 
-    # Read-outs on the input row.
-    mon = torch.einsum("rd,rpd->rp", xf, monitor[s]) * first(meta_r[:, 4], monitor.shape[1])
+    # Read-outs on the input row. Padding is masked with where, not a product: a NaN in x must
+    # not reach a plan through the zero rows other plans of the bank pad it with (NaN · 0 is NaN).
+    mon = torch.where(first(meta_r[:, 4], monitor.shape[1]), torch.einsum("rd,rpd->rp", xf, monitor[s]), 0.0)
     norm = xf.pow(2).sum(1).sqrt()
     U = ablate[s]
-    ablate_coef = (torch.einsum("rd,rkd->rk", xf, U) - targets[s]) * first(meta_r[:, 1], ablate.shape[1])
+    ablate_coef = torch.where(first(meta_r[:, 1], ablate.shape[1]), torch.einsum("rd,rkd->rk", xf, U) - targets[s], 0.0)
     cond = torch.ones(rows, device=dev, dtype=ct)
     if condition.shape[1] == 1:
         dot = (xf * condition[s, 0]).sum(1)
@@ -108,7 +109,7 @@ def steer_program(
         picked = z.gather(1, idx)
         edited = neuron_val[s, 0] * picked + neuron_val[s, 1]
         # Indices are unique within a plan and padding contributes 0, so adding the change is exact.
-        z = z.scatter_add(1, idx, (edited - picked) * first(meta_r[:, 3], neuron_idx.shape[1]))
+        z = z.scatter_add(1, idx, torch.where(first(meta_r[:, 3], neuron_idx.shape[1]), edited - picked, 0.0))
     g = cond if gate is None else gate.to(ct) * cond
     c = scalars[s, 0] * g
     y = xf + c[:, None] * (z - xf)
@@ -179,8 +180,9 @@ def adascale_stats(z: torch.Tensor, z_perturbed: torch.Tensor, k1: int, k2: int)
     n = z.shape[0]
     m1 = topk_mask(zf, torch.full((n,), k1))
     m2 = topk_mask(zf, torch.full((n,), k2))
-    q = ((zf - pf).abs() * m1).sum(dim=1)
-    c_o = (pf.clamp(min=0) * m2).sum(dim=1)
+    # where, not a product with the mask: a NaN outside the top-k must not reach the sums (NaN·0).
+    q = torch.where(m1, (zf - pf).abs(), 0.0).sum(dim=1)
+    c_o = torch.where(m2, pf.clamp(min=0), 0.0).sum(dim=1)
     return q, c_o
 
 

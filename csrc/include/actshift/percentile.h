@@ -27,6 +27,8 @@ enum Method : int { kRatio = 0, kScale = 1, kAshP = 2, kAshB = 3, kAshS = 4, kRe
 
 // Order-preserving map from float to uint32: a < b  <=>  key(a) < key(b), and a == b  <=>
 // key(a) == key(b), for non-NaN a, b (-0.0 is first turned into +0.0, since they compare equal).
+// Every NaN, whatever its sign bit (inf - inf gives -NaN on x86), gets the largest key, as
+// torch.sort orders NaN (and as kernels/percentile.py does).
 ACTSHIFT_HD uint32_t key(float v) {
   uint32_t bits;
 #if defined(__CUDA_ARCH__)
@@ -37,7 +39,7 @@ ACTSHIFT_HD uint32_t key(float v) {
   bits = bits == 0x80000000u ? 0u : bits;  // -0.0 -> +0.0
   // Branch-free (so loops over it vectorize): negative values flip every bit, others the sign bit.
   const uint32_t mask = static_cast<uint32_t>(static_cast<int32_t>(bits) >> 31) | 0x80000000u;
-  return bits ^ mask;
+  return v != v ? 0xFFFFFFFFu : bits ^ mask;
 }
 
 ACTSHIFT_HD float from_key(uint32_t k) {

@@ -24,7 +24,8 @@ def as_rows(x, name: str = "x") -> torch.Tensor:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
     if x.dim() == 0:
         raise ValueError(f"{name} must have at least one dim (the channels)")
-    return x.reshape(-1, x.shape[-1]).contiguous()
+    # Explicit row count: reshape(-1, 0) cannot infer it when the channel dim is empty.
+    return x.reshape(x.shape[:-1].numel(), x.shape[-1]).contiguous()
 
 
 def check_like(t, name: str, x: torch.Tensor, shape: tuple, hint: str = "") -> None:

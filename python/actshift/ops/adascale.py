@@ -8,11 +8,14 @@ import torch
 from .. import _ext, backends, reference
 from . import _autograd
 from .percentile import TRITON_MAX_D, _triton_ready, as_rows
+from ._fake import same_device
+from .percentile import TRITON_MAX_D, as_rows
 
 if _ext.EXT_LOADED:
 
     @torch.library.register_fake("actshift::adascale_stats")
     def _adascale_fake(z, z_perturbed, k1, k2):
+        same_device("adascale_stats", z, x_name="z", z_perturbed=z_perturbed)
         return z.new_empty((z.shape[0],), dtype=torch.float32), z.new_empty((z.shape[0],), dtype=torch.float32)
 
     _autograd.register("adascale_stats")

@@ -13,6 +13,7 @@ import torch
 
 from .. import _ext, backends, reference
 from . import _autograd
+from ._fake import same_device
 
 METHODS = ("scale", "ash_p", "ash_b", "ash_s", "react")
 _CODES = {name: i for i, name in enumerate(reference.PERCENTILE_METHODS)}  # ratio=0 ... react=5
@@ -24,6 +25,7 @@ if _ext.EXT_LOADED:
 
     @torch.library.register_fake("actshift::percentile_scale")
     def _percentile_fake(z, k, method, clip):
+        same_device("percentile_scale", z, x_name="z", k=k)
         n, d = z.shape
         y = z.new_empty((0 if method == _CODES["ratio"] else n, d))
         r = z.new_empty((0 if method == _CODES["react"] else n,), dtype=torch.float32)

@@ -11,6 +11,7 @@ import torch
 from .. import _ext, backends, reference
 from ..reference import GATED_ONLY_ACTS, SPARSE_ACTS, THRESHOLD_ACTS
 from . import _autograd
+from ._fake import same_device
 from ._sparse import as_rows, check_like, register_triton_early, threshold_value, triton_op
 
 ACTS = SPARSE_ACTS
@@ -20,6 +21,8 @@ if _ext.EXT_LOADED:
 
     @torch.library.register_fake("actshift::relu_ffn")
     def _relu_ffn_fake(x, w_gate, w_up, w_down_t, act, threshold, b_gate, b_up, b_down):
+        same_device("relu_ffn", x, w_gate=w_gate, w_up=w_up, w_down_t=w_down_t, b_gate=b_gate, b_up=b_up,
+                    b_down=b_down)
         torch._check(x.dim() == 2, lambda: "relu_ffn: x must be [rows, d]")
         return x.new_empty(x.shape)
 

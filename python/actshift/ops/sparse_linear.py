@@ -10,12 +10,14 @@ import torch
 
 from .. import _ext, backends, reference
 from . import _autograd
+from ._fake import same_device
 from ._sparse import as_rows, check_like, register_triton_early, threshold_tensor, triton_op
 
 if _ext.EXT_LOADED:
 
     @torch.library.register_fake("actshift::sparse_linear")
     def _sparse_linear_fake(x, weight_t, threshold, bias):
+        same_device("sparse_linear", x, weight_t=weight_t, threshold=threshold, bias=bias)
         torch._check(x.dim() == 2, lambda: "sparse_linear: x must be [rows, in]")
         return x.new_empty((x.shape[0], weight_t.shape[1]))
 

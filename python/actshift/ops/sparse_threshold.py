@@ -10,12 +10,14 @@ import torch
 
 from .. import _ext, backends, reference
 from . import _autograd
+from ._fake import same_device
 from ._sparse import as_rows, register_triton_early, threshold_tensor, triton_op
 
 if _ext.EXT_LOADED:
 
     @torch.library.register_fake("actshift::sparse_threshold")
     def _sparse_threshold_fake(x, threshold):
+        same_device("sparse_threshold", x, threshold=threshold)
         torch._check(x.dim() == 2, lambda: "sparse_threshold: x must be [rows, n]")
         return x.new_empty(x.shape)
 

@@ -14,6 +14,7 @@ from .. import _ext, backends, reference
 from . import _autograd
 from ..backends import BackendUnavailableError
 from ..steering.plan import MAX_VECTORS, SteeringBank, as_bank
+from ._fake import same_device
 
 _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SLOT_DTYPES = (torch.int32, torch.int64)
@@ -22,22 +23,32 @@ if _ext.EXT_LOADED:
 
     @torch.library.register_fake("actshift::steer")
     def _steer_fake(x, vectors, weights, strength, gate, slot):
+        same_device("steer", x, vectors=vectors, weights=weights, strength=strength, gate=gate, slot=slot)
         torch._check(x.dim() == 2, lambda: "steer: x must be [rows, d]")
         return x.new_empty(x.shape)
 
     @torch.library.register_fake("actshift::steer_out")
     def _steer_out_fake(x, vectors, weights, strength, gate, slot, out):
+        same_device("steer", x, vectors=vectors, weights=weights, strength=strength, gate=gate, slot=slot, out=out)
         return None
 
     @torch.library.register_fake("actshift::steer_program")
     def _steer_program_fake(x, meta, scalars, ablate, targets, affine, vectors, weights, neuron_idx,
                             neuron_val, condition, monitor, gate, slot, row_weights):
+        same_device("steer_program", x, meta=meta, scalars=scalars, ablate=ablate, targets=targets,
+                    affine=affine, vectors=vectors, weights=weights, neuron_idx=neuron_idx,
+                    neuron_val=neuron_val, condition=condition, monitor=monitor, gate=gate, slot=slot,
+                    row_weights=row_weights)
         torch._check(x.dim() == 2, lambda: "steer_program: x must be [rows, d]")
         return x.new_empty(x.shape), x.new_empty((x.shape[0], monitor.shape[1]), dtype=torch.float32)
 
     @torch.library.register_fake("actshift::steer_program_out")
     def _steer_program_out_fake(x, meta, scalars, ablate, targets, affine, vectors, weights, neuron_idx,
                                 neuron_val, condition, monitor, gate, slot, row_weights, out):
+        same_device("steer_program_out", x, meta=meta, scalars=scalars, ablate=ablate, targets=targets,
+                    affine=affine, vectors=vectors, weights=weights, neuron_idx=neuron_idx,
+                    neuron_val=neuron_val, condition=condition, monitor=monitor, gate=gate, slot=slot,
+                    row_weights=row_weights, out=out)
         return x.new_empty((x.shape[0], monitor.shape[1]), dtype=torch.float32)
 
     _autograd.register("steer")
@@ -76,7 +87,7 @@ def _check_rows(x, gate, slot) -> None:
     """Per-call checks of x and the per-row tensors; messages name the argument."""
     if x.dtype not in _X_DTYPES:
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
-    if x.dim() != 2 or (x.shape[1] > 0 and x.stride(1) != 1):
+    if x.dim() != 2 or (x.shape[1] > 1 and x.stride(1) != 1):
         raise ValueError(f"x must be [rows, d] with a contiguous last dim, got shape {tuple(x.shape)}")
     if gate is not None:
         _check_row_tensor("gate", gate, x, None, "a floating-point tensor")
@@ -116,8 +127,28 @@ def _check_slot_values(slot: torch.Tensor, num_plans: int) -> None:
         raise ValueError(f"slot holds {top}, out of range for {num_plans} plan(s); use -1 to leave a row untouched")
 
 
-def _check_out(x: torch.Tensor, out) -> torch.Tensor:
-    """Validates `out` and returns its [rows, d] view (out=x steers in place)."""
+def _shares_rows(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two [rows, d] tensors with a unit last stride share an element (the test of
+    check_steer_out in csrc/steer_checks.cpp: exact for equal row strides, spans otherwise)."""
+    rows, d = a.shape
+    es = a.element_size()
+    length = d * es
+    delta = b.data_ptr() - a.data_ptr()
+    if rows == 1 or a.stride(0) == b.stride(0):
+        step = 0 if rows == 1 else a.stride(0) * es
+        if step == 0:
+            return abs(delta) < length
+        k = min(max(-delta // step, -(rows - 1)), rows - 1)  # |delta + k·step| is convex in k
+        return any(abs(delta + kk * step) < length for kk in (k - 1, k, k + 1) if -rows < kk < rows)
+    a1 = a.data_ptr() + (rows - 1) * a.stride(0) * es + length
+    b1 = b.data_ptr() + (rows - 1) * b.stride(0) * es + length
+    return not (b1 <= a.data_ptr() or a1 <= b.data_ptr())
+
+
+def _check_out(x: torch.Tensor, x2: torch.Tensor, out) -> torch.Tensor:
+    """Validates `out` and returns its [rows, d] view (out=x steers in place). Like torch's in-place
+    ops, a written-to tensor whose elements share memory is refused; so is one that shares memory
+    with x without being x (the kernels write rows while other rows are still to be read)."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
     if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
@@ -126,11 +157,24 @@ def _check_out(x: torch.Tensor, out) -> torch.Tensor:
             f"got {tuple(out.shape)}, {out.dtype}, {out.device}"
         )
     if out.dim() == 2:
-        return out
-    try:
-        return out.view(-1, out.shape[-1])  # a view, so the kernel's writes land in out
-    except RuntimeError:
-        raise ValueError("out must be viewable as [rows, d] (contiguous leading dims)") from None
+        out2 = out
+    else:
+        try:
+            out2 = out.view(x2.shape)  # a view, so the kernel's writes land in out
+        except RuntimeError:
+            raise ValueError("out must be viewable as [rows, d] (contiguous leading dims)") from None
+    rows, d = out2.shape
+    if d > 1 and out2.stride(1) != 1:
+        raise ValueError("out must have a contiguous last dim")
+    if rows > 1 and d > 0 and out2.stride(0) < d:
+        raise ValueError("out has internal overlap (more than one element of the written-to tensor "
+                         "refers to a single memory location, e.g. an expanded tensor); clone() it first")
+    if (out is not x and out2.numel() > 0 and not torch.compiler.is_compiling()
+            and out2.untyped_storage().data_ptr() == x2.untyped_storage().data_ptr()
+            and not (out2.data_ptr() == x2.data_ptr() and out2.stride() == x2.stride())
+            and _shares_rows(x2, out2)):
+        raise ValueError("out overlaps x; pass out=x for in-place steering or a separate tensor")
+    return out2
 
 
 def _as_rows(x, gate, slot, out):
@@ -140,13 +184,15 @@ def _as_rows(x, gate, slot, out):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() == 0:
         raise ValueError("x must have at least one dim (the hidden size)")
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    # Explicit row count: reshape(-1, 0) cannot infer it for an empty hidden size.
+    x2 = x if x.dim() == 2 else x.reshape(x.shape[:-1].numel(), x.shape[-1])
+    # Per-row tensors keep their stride (an expanded one has stride 0): every kernel takes it.
     if isinstance(gate, torch.Tensor) and gate.dim() != 1:
         gate = gate.reshape(-1)
     if isinstance(slot, torch.Tensor) and slot.dim() != 1:
         slot = slot.reshape(-1)
     _check_rows(x2, gate, slot)
-    out2 = None if out is None else _check_out(x, out)
+    out2 = None if out is None else _check_out(x, x2, out)
     if gate is not None and gate.dtype != torch.float32:
         gate = gate.float()
     return x2, gate, slot, out2
@@ -184,7 +230,7 @@ def _additive_runner(name: str, vectors, weights, strength, check_slots: bool = 
     on checked [rows, d] arguments returns y (or out2). Built once per bank and device (see
     `runner`), so a decode step pays for one op call and little else."""
     bank = (vectors, weights, strength)
-    check = check_slots and name != "cpu"  # the C++ CPU kernel checks slots while it runs
+    check = check_slots and name != "cpu"  # the C++ CPU op checks slots before it writes
     if name == "reference":
         return _prepared(vectors.shape[0], check, lambda x2, gate, slot: reference.steer(x2, *bank, gate, slot),
                          None, bank)
@@ -323,7 +369,9 @@ def _check_row_weights(weights, x2: torch.Tensor, M: int) -> torch.Tensor:
     capturing = weights.is_cuda and torch.cuda.is_current_stream_capturing()
     if not torch.compiler.is_compiling() and not capturing and not bool(torch.isfinite(weights).all()):
         raise ValueError("weights contains NaN or Inf")
-    return weights.float().contiguous()
+    weights = weights.float()
+    # Any row stride (an expanded [M] has stride 0); the kernels need each row contiguous.
+    return weights if M == 1 or weights.stride(1) == 1 else weights.contiguous()
 
 
 def steer(
