@@ -41,7 +41,10 @@ def files(tmp_path_factory):
 
 
 def _plans(files):
-    return {name: formats.load(files[name])[0] for name in ("add", "add_all", "ablate")}
+    """{name: {layer: SteeringPlan}} as the plugin reads the files."""
+    from actshift.integrations.vllm.plans import as_layer_plans
+
+    return {name: as_layer_plans(files[name], LAYERS, HIDDEN, name) for name in ("add", "add_all", "ablate")}
 
 
 @pytest.fixture(scope="module")
@@ -216,3 +219,82 @@ def test_many_plans(llm, hf):
     outs = _generate(llm, [PROMPTS[1]] * 3, [_params(f"many{i}", 1.0) for i in picks])
     for i, out in zip(picks, outs):
         assert _tokens([out]) == [_reference(hf, PROMPTS[1], {3: actshift.SteeringPlan(add=vecs[i], strength=4.0)})[0]]
+
+
+def test_tensor_parallel_2_compiled_equals_tp1_eager(llm, files):
+    """TP=2 (two worker processes, gloo) in vLLM's default compiled mode gives the tokens of the
+    TP=1 eager engine, steered and unsteered in one mixed batch."""
+    choices = [(None, None), ("add", 1.0), ("ablate", 1.0), ("add_all", -1.5)]
+    params = [_params(p, s) for p, s in choices]
+    prompts = [PROMPTS[i % 2] for i in range(len(choices))]
+    expected = _tokens(_generate(llm, prompts, params))
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
+    try:
+        tp2 = LLM(model=files["model"], dtype="float32", max_model_len=128, seed=0, tensor_parallel_size=2,
+                  distributed_executor_backend="mp",
+                  additional_config={"actshift": {"plans": {n: files[n] for n in ("add", "add_all", "ablate")}}})
+        assert _tokens(_generate(tp2, prompts, params)) == expected
+        del tp2
+    finally:
+        del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+
+
+def test_vllm_serve_with_vllm_xargs(llm, files):
+    """`vllm serve` on 127.0.0.1: vllm_xargs steer a completion exactly as extra_args do offline;
+    a bad request gets HTTP 400 and the server keeps serving."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = json.dumps({"actshift": {"plans": {"add": files["add"]}}})
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", files["model"], "--host", "127.0.0.1",
+           "--port", str(port), "--dtype", "float32", "--max-model-len", "128", "--enforce-eager",
+           "--seed", "0", "--additional-config", config]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+
+    def post(body):
+        req = urllib.request.Request(f"{base}/v1/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert server.poll() is None, server.stderr.read()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2):
+                    break
+            except OSError:
+                assert time.time() < deadline, "vllm serve did not come up"
+                time.sleep(1)
+        body = {"model": files["model"], "prompt": PROMPTS[0], "max_tokens": NEW, "min_tokens": NEW, "temperature": 0}
+        status, plain = post(body)
+        assert status == 200
+        status, steered = post({**body, "vllm_xargs": {"actshift_plan": "add", "actshift_strength": 1.0}})
+        assert status == 200
+        [offline] = _generate(llm, [PROMPTS[0]], _params("add", 1.0))
+        [offline_plain] = _generate(llm, [PROMPTS[0]], _params())
+        assert steered["choices"][0]["text"] == offline.outputs[0].text
+        assert plain["choices"][0]["text"] == offline_plain.outputs[0].text != offline.outputs[0].text
+        status, bad = post({**body, "vllm_xargs": {"actshift_plan": "missing"}})
+        assert status == 400 and "unknown steering plan" in json.dumps(bad)
+        assert post(body)[0] == 200
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
