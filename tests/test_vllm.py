@@ -228,7 +228,10 @@ def test_tensor_parallel_2_compiled_equals_tp1_eager(llm, files):
     params = [_params(p, s) for p, s in choices]
     prompts = [PROMPTS[i % 2] for i in range(len(choices))]
     expected = _tokens(_generate(llm, prompts, params))
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
+    import vllm.envs
+
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"  # one core per rank ("auto" wants a NUMA node each)
+    vllm.envs.disable_envs_cache()  # vLLM caches its env settings once an engine has started
     try:
         tp2 = LLM(model=files["model"], dtype="float32", max_model_len=128, seed=0, tensor_parallel_size=2,
                   distributed_executor_backend="mp",
@@ -237,6 +240,7 @@ def test_tensor_parallel_2_compiled_equals_tp1_eager(llm, files):
         del tp2
     finally:
         del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+        vllm.envs.disable_envs_cache()
 
 
 def test_vllm_serve_with_vllm_xargs(llm, files):
