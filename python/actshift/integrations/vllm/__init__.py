@@ -30,13 +30,21 @@ def _frontend_names(cfg: dict) -> dict[str, int]:
 
 
 def _wrap_process_inputs(process_inputs):
+    from vllm.exceptions import VLLMValidationError
+
+    # A ValueError (the contract for bad input) that vLLM's server also answers with HTTP 400.
+    request_error = type("SteeringRequestError", (VLLMValidationError, ValueError), {})
+
     @functools.wraps(process_inputs)
     def wrapper(self, request_id, prompt, params, *args, **kwargs):
         cfg = _config.engine_config(self.vllm_config)
         if cfg is None or not hasattr(params, "extra_args"):
             return process_inputs(self, request_id, prompt, params, *args, **kwargs)
         names = _frontend_names(cfg)
-        choice = _config.request_choice(params.extra_args, names, cfg["max_strength"])
+        try:
+            choice = _config.request_choice(params.extra_args, names, cfg["max_strength"])
+        except ValueError as e:
+            raise request_error(str(e), parameter="extra_args") from None
         request = process_inputs(self, request_id, prompt, params, *args, **kwargs)
         if choice is not None:
             name, strength = choice
