@@ -69,13 +69,14 @@ def cases(device: str, quick: bool) -> Iterator[Case]:
 
     requests, prompt_len = 64, 16
     new_tokens = 16 if quick else 32
-    tmp = tempfile.mkdtemp(prefix="actshift-bench-vllm-")
+    root = tempfile.mkdtemp(prefix="actshift-bench-vllm-")
+    tmp = os.path.join(root, "model")  # vLLM loads every *.safetensors here as weights: plans go beside it
     hidden, layers = (256, 4) if device == "cpu" else (1024, 8)
     save_tiny_llama(tmp, hidden=hidden, layers=layers, heads=hidden // 64)
     gen = torch.Generator().manual_seed(0)
     plan_files = {}
     for i in range(requests):
-        path = os.path.join(tmp, f"plan{i}.safetensors")
+        path = os.path.join(root, f"plan{i}.safetensors")
         actshift.steering.formats.save(path, {layer: torch.randn(hidden, generator=gen) for layer in range(layers)})
         plan_files[f"p{i}"] = path
     llm = LLM(model=tmp, dtype="float32", enforce_eager=device == "cpu", max_model_len=256, seed=0,
