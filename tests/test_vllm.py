@@ -221,28 +221,6 @@ def test_many_plans(llm, hf):
         assert _tokens([out]) == [_reference(hf, PROMPTS[1], {3: actshift.SteeringPlan(add=vecs[i], strength=4.0)})[0]]
 
 
-def test_tensor_parallel_2_compiled_equals_tp1_eager(llm, files):
-    """TP=2 (two worker processes, gloo) in vLLM's default compiled mode gives the tokens of the
-    TP=1 eager engine, steered and unsteered in one mixed batch."""
-    choices = [(None, None), ("add", 1.0), ("ablate", 1.0), ("add_all", -1.5)]
-    params = [_params(p, s) for p, s in choices]
-    prompts = [PROMPTS[i % 2] for i in range(len(choices))]
-    expected = _tokens(_generate(llm, prompts, params))
-    import vllm.envs
-
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"  # one core per rank ("auto" wants a NUMA node each)
-    vllm.envs.disable_envs_cache()  # vLLM caches its env settings once an engine has started
-    try:
-        tp2 = LLM(model=files["model"], dtype="float32", max_model_len=128, seed=0, tensor_parallel_size=2,
-                  distributed_executor_backend="mp",
-                  additional_config={"actshift": {"plans": {n: files[n] for n in ("add", "add_all", "ablate")}}})
-        assert _tokens(_generate(tp2, prompts, params)) == expected
-        del tp2
-    finally:
-        del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
-        vllm.envs.disable_envs_cache()
-
-
 def test_vllm_serve_with_vllm_xargs(llm, files):
     """`vllm serve` on 127.0.0.1: vllm_xargs steer a completion exactly as extra_args do offline;
     a bad request gets HTTP 400 and the server keeps serving."""
@@ -304,3 +282,26 @@ def test_vllm_serve_with_vllm_xargs(llm, files):
             server.wait(30)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def test_tensor_parallel_2_compiled_equals_tp1_eager(llm, files):
+    """TP=2 (two worker processes, gloo) in vLLM's default compiled mode gives the tokens of the
+    TP=1 eager engine, steered and unsteered in one mixed batch. Last in the file: tearing the TP=2
+    engine down resets the distributed state that the in-process TP=1 engine shares."""
+    choices = [(None, None), ("add", 1.0), ("ablate", 1.0), ("add_all", -1.5)]
+    params = [_params(p, s) for p, s in choices]
+    prompts = [PROMPTS[i % 2] for i in range(len(choices))]
+    expected = _tokens(_generate(llm, prompts, params))
+    import vllm.envs
+
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"  # one core per rank ("auto" wants a NUMA node each)
+    vllm.envs.disable_envs_cache()  # vLLM caches its env settings once an engine has started
+    try:
+        tp2 = LLM(model=files["model"], dtype="float32", max_model_len=128, seed=0, tensor_parallel_size=2,
+                  distributed_executor_backend="mp",
+                  additional_config={"actshift": {"plans": {n: files[n] for n in ("add", "add_all", "ablate")}}})
+        assert _tokens(_generate(tp2, prompts, params)) == expected
+        del tp2
+    finally:
+        del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+        vllm.envs.disable_envs_cache()
