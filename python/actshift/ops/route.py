@@ -95,8 +95,8 @@ def route(
             raise ValueError(f"bias is on {bias.device} but logits are on {logits.device}")
         bias = bias.float().contiguous()
     x = logits.reshape(-1, E)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    if x.stride(-1) != 1:  # (also a size-1 or empty view, which .contiguous() leaves as it is)
+        x = x.new_empty(x.shape).copy_(x)
     offsets = modes = None
     if plan is not None:
         bank = as_expert_bank(plan)
