@@ -20,7 +20,7 @@ def planted_model():
     emb = model.model.embed_tokens.weight
     with torch.no_grad():
         u = torch.nn.functional.normalize(torch.randn(emb.shape[1]), dim=0)
-        emb -= (emb @ u)[:, None] * u  # no token has a u component...
+        emb -= (emb @ u)[:, None] * u + u  # every token points away from u...
         emb[MARKER] = 4.0 * u  # ...but the marker
         gate = model.model.layers[0].mlp.gate
         gate.weight -= (gate.weight @ u)[:, None] * u  # the other experts do not read u
@@ -46,7 +46,7 @@ def test_attribution_recovers_the_planted_expert_and_its_plan_switches_it_off():
     # leads layer 0.
     layer, expert, fb, fn, diff, wb, wn = [r for r in attr.rows if r[0] == 0][0]
     assert expert == EXPERT
-    assert fb == 0.5 and fn < 0.05 and wb > wn  # fires on every marker token (half the tokens), never else
+    assert fb >= 0.5 and fn == 0.0 and wb > wn  # fires on every marker token (half the tokens), never else
     assert [r[4] for r in attr.rows] == sorted((r[4] for r in attr.rows), reverse=True)
 
     plan = attr.plan(1, "off", layers=[0])
