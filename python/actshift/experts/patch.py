@@ -26,7 +26,7 @@ from .plan import ExpertBank, ExpertPlan
 
 def _per_layer(spec, layers: dict[int, torch.nn.Module]) -> list[dict[int, ExpertPlan]]:
     """The spec as one {layer: plan} per slot (a single entry when it is not a bank)."""
-    n = len(layers)
+    total = max(layers) + 1
 
     def one(item, where: str) -> dict[int, ExpertPlan]:
         if isinstance(item, ExpertPlan):
@@ -38,7 +38,6 @@ def _per_layer(spec, layers: dict[int, torch.nn.Module]) -> list[dict[int, Exper
                     raise TypeError(f"experts{where} keys must be layer indices (int), got {layer!r}")
                 if not isinstance(plan, ExpertPlan):
                     raise TypeError(f"experts{where}[{layer}] must be an ExpertPlan, got {type(plan).__name__}")
-                total = max(layers) + 1 if layers else 0
                 i = layer % total if -total <= layer < total else layer
                 if i not in layers:
                     raise ValueError(f"experts{where} names layer {layer}, which has no MoE router "
@@ -52,7 +51,6 @@ def _per_layer(spec, layers: dict[int, torch.nn.Module]) -> list[dict[int, Exper
         if not spec:
             raise ValueError("experts as a bank must hold at least one plan")
         return [one(item, f"[{s}]") for s, item in enumerate(spec)]
-    del n
     return [one(spec, "")]
 
 
