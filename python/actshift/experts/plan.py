@@ -146,7 +146,13 @@ class ExpertBank:
 
 
 def as_expert_bank(plan) -> ExpertBank:
-    """An ExpertBank from an ExpertPlan, a sequence of them, or a bank."""
+    """An ExpertBank from an ExpertPlan (its one-plan bank, built once and kept on the plan), a
+    sequence of plans, or a bank."""
     if isinstance(plan, ExpertBank):
         return plan
+    if isinstance(plan, ExpertPlan):
+        bank = plan.__dict__.get("_bank")
+        if bank is None:
+            bank = plan.__dict__["_bank"] = ExpertBank(plan)
+        return bank
     return ExpertBank(plan)
