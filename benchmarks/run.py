@@ -10,6 +10,7 @@ import torch
 from . import bench_percentile, bench_steer
 from . import bench_decode  # decode tokens/s of a patched model
 from . import bench_relu_ffn, bench_sparse_decode, bench_sparse_linear  # sparse ops
+from . import bench_route  # MoE router
 from . import bench_vllm  # stock vLLM with the actshift plugin
 from .harness import Result, Timer, derived, environment, noisy_providers, plot, table, write_csv
 
@@ -17,6 +18,7 @@ OPS = {"steer": bench_steer, "percentile": bench_percentile}
 OPS["decode"] = bench_decode
 OPS.update({"sparse_linear": bench_sparse_linear, "relu_ffn": bench_relu_ffn, "sparse_decode": bench_sparse_decode})
 OPS["vllm"] = bench_vllm  # needs vLLM (.venv-vllm); skipped without it
+OPS["route"] = bench_route
 
 
 def run(ops: list[str] | None, device: str | None, quick: bool, out_dir: str, update_results: bool = False) -> int:

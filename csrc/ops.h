@@ -132,4 +132,34 @@ void check_relu_ffn_args(const at::Tensor& x, const at::Tensor& w_gate,
                          const std::optional<at::Tensor>& b_down);
 // --- end sparse ops ------------------------------------------------------------------------------
 
+// --- route (MoE routing with per-row expert edits; math in actshift/route.h) ----------------------
+std::tuple<at::Tensor, at::Tensor> route_cpu(const at::Tensor& logits, int64_t k,
+                                             const std::optional<at::Tensor>& offsets,
+                                             const std::optional<at::Tensor>& modes,
+                                             const std::optional<at::Tensor>& slot,
+                                             const std::optional<at::Tensor>& bias, int64_t kind,
+                                             bool renorm, int64_t n_group, int64_t topk_group,
+                                             double scale);
+#ifdef ACTSHIFT_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> route_cuda(const at::Tensor& logits, int64_t k,
+                                              const std::optional<at::Tensor>& offsets,
+                                              const std::optional<at::Tensor>& modes,
+                                              const std::optional<at::Tensor>& slot,
+                                              const std::optional<at::Tensor>& bias, int64_t kind,
+                                              bool renorm, int64_t n_group, int64_t topk_group,
+                                              double scale);
+#endif
+// Shapes, dtypes, devices, contiguity and the scalar arguments, for any backend.
+void check_route_args(const at::Tensor& logits, int64_t k, const std::optional<at::Tensor>& offsets,
+                      const std::optional<at::Tensor>& modes, const std::optional<at::Tensor>& slot,
+                      const std::optional<at::Tensor>& bias, int64_t kind, int64_t n_group,
+                      int64_t topk_group, double scale);
+// Values of the bank (finite offsets, known modes, forced <= k, live >= k per plan) and of slot
+// (in [-1, S)); reads host memory, so CPU only.
+void check_route_values(const at::Tensor& logits, int64_t k, const std::optional<at::Tensor>& offsets,
+                        const std::optional<at::Tensor>& modes, const std::optional<at::Tensor>& slot);
+// (indices [rows, k] int64, weights [rows, k] fp32) on logits' device.
+std::tuple<at::Tensor, at::Tensor> route_outputs(const at::Tensor& logits, int64_t k);
+// --- end route -----------------------------------------------------------------------------------
+
 }  // namespace actshift

@@ -59,6 +59,16 @@ TORCH_LIBRARY(actshift, m) {
   m.def("relu_ffn(Tensor x, Tensor w_gate, Tensor? w_up, Tensor w_down_t, int act, "
         "float threshold, Tensor? b_gate, Tensor? b_up, Tensor? b_down) -> Tensor");
   // --- end sparse ops ----------------------------------------------------------------------------
+  // --- route: MoE routing with per-row expert edits (math: csrc/include/actshift/route.h) ------
+  //   logits [rows, E] fp32/fp16/bf16 (contiguous last dim); k picks per row (1 <= k <= E);
+  //   a bank of S plans or none: offsets [S, E] fp32 (strength already applied), modes [S, E]
+  //   int8 (0 free, 1 off, 2 forced on); slot [rows] int32/int64 (-1: unedited; default plan 0);
+  //   bias [E] fp32 (sigmoid's correction bias); kind 0 softmax, 1 sigmoid; renorm; n_group
+  //   (<= 32, divides E) and topk_group (group-limited top-k, sigmoid); scale multiplies weights.
+  // Returns (indices [rows, k] int64, weights [rows, k] fp32), picks in rank order.
+  m.def("route(Tensor logits, int k, Tensor? offsets, Tensor? modes, Tensor? slot, Tensor? bias, "
+        "int kind, bool renorm, int n_group, int topk_group, float scale) -> (Tensor, Tensor)");
+  // --- end route
 }
 
 TORCH_LIBRARY_IMPL(actshift, CPU, m) {
@@ -72,6 +82,7 @@ TORCH_LIBRARY_IMPL(actshift, CPU, m) {
   m.impl("sparse_threshold", &actshift::sparse_threshold_cpu);
   m.impl("sparse_linear", &actshift::sparse_linear_cpu);
   m.impl("relu_ffn", &actshift::relu_ffn_cpu);
+  m.impl("route", &actshift::route_cpu);
 }
 
 // `import actshift._C` only needs to load this library so the static registrations above run.

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "cuda/percentile.h"
+#include "cuda/route.h"
 #include "cuda/steer.h"
 #include "ops.h"
 // sparse ops
@@ -253,6 +254,35 @@ at::Tensor steer_program_out_cuda(
 }
 // --- end steer_program
 
+// --- route
+std::tuple<at::Tensor, at::Tensor> route_cuda(const at::Tensor& logits, int64_t k,
+                                              const std::optional<at::Tensor>& offsets,
+                                              const std::optional<at::Tensor>& modes,
+                                              const std::optional<at::Tensor>& slot,
+                                              const std::optional<at::Tensor>& bias, int64_t kind,
+                                              bool renorm, int64_t n_group, int64_t topk_group,
+                                              double scale) {
+  check_route_args(logits, k, offsets, modes, slot, bias, kind, n_group, topk_group, scale);
+  check_cuda(logits, "route", "logits");
+  TORCH_CHECK_VALUE(logits.size(1) <= cuda::kRouteMaxExperts && k <= cuda::kRouteMaxK,
+                    "route: the cuda backend routes up to ", cuda::kRouteMaxExperts, " experts and k <= ",
+                    cuda::kRouteMaxK, ", got E=", logits.size(1), ", k=", k, " (use backend='triton')");
+  const c10::cuda::CUDAGuard device_guard(logits.device());
+  auto [idx, w] = route_outputs(logits, k);
+  const cudaError_t err = cuda::launch_route(
+      dtype_of(logits), logits.const_data_ptr(), logits.stride(0), logits.size(0), logits.size(1), k,
+      offsets.has_value() ? offsets->const_data_ptr<float>() : nullptr,
+      modes.has_value() ? modes->const_data_ptr<int8_t>() : nullptr,
+      offsets.has_value() ? offsets->size(0) : 0, slot.has_value() ? slot->const_data_ptr() : nullptr,
+      slot.has_value() && slot->scalar_type() == at::kLong,
+      bias.has_value() ? bias->const_data_ptr<float>() : nullptr, static_cast<int>(kind), renorm,
+      n_group, topk_group, static_cast<float>(scale), idx.mutable_data_ptr<int64_t>(),
+      w.mutable_data_ptr<float>(), at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "route: CUDA kernel launch failed: ", cudaGetErrorString(err));
+  return {idx, w};
+}
+// --- end route
+
 }  // namespace actshift
 
 TORCH_LIBRARY_IMPL(actshift, CUDA, m) {
@@ -266,4 +296,5 @@ TORCH_LIBRARY_IMPL(actshift, CUDA, m) {
   m.impl("sparse_threshold", &actshift::sparse_threshold_cuda);
   m.impl("sparse_linear", &actshift::sparse_linear_cuda);
   m.impl("relu_ffn", &actshift::relu_ffn_cuda);
+  m.impl("route", &actshift::route_cuda);
 }

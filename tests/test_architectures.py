@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from actshift.integrations import architectures as A
+from moe_models import CONFIGS as MOE_CONFIGS
 
 T = pytest.importorskip("transformers")
 
@@ -34,6 +35,7 @@ ROWS = {
     "opt": (lambda: T.OPTConfig(vocab_size=100, hidden_size=D, ffn_dim=FFN, num_hidden_layers=2, num_attention_heads=4,
                                 word_embed_proj_dim=D), "model.decoder.layers", "pre"),
 }
+ROWS.update({t: (config, "model.layers", "pre") for t, config in MOE_CONFIGS.items()})  # MoE: mlp = the MoE block
 
 
 def tiny(model_type):
@@ -105,6 +107,15 @@ def test_entry_matches_the_model(model_type):
             torch.testing.assert_close(second(act(first(x))), _ffn_reference(block, arch, x), rtol=1e-5, atol=1e-6)
         else:
             assert arch.ffn is None and not arch.ffn_linears
+    # The router entry: the gate maps [rows, D] to (logits [rows, E], weights, indices [rows, top_k]).
+    if arch.router is not None:
+        gate = block.get_submodule(arch.router.path)
+        logits, w, idx = gate(x)
+        assert logits.shape == (2, gate.num_experts) and idx.shape == w.shape == (2, gate.top_k)
+        assert (w.dtype == torch.float32) == (arch.router.weights_dtype == "float32" or logits.dtype == torch.float32)
+        for attr in (arch.router.renorm, arch.router.bias, arch.router.n_group, arch.router.topk_group,
+                     arch.router.scale):
+            assert attr is None or isinstance(attr, bool) or hasattr(gate, attr), attr
 
 
 def _linear(module):

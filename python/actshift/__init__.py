@@ -11,7 +11,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import sparse
+from . import experts, sparse
+from .experts import ExpertBank, ExpertPlan
 from .backends import BackendUnavailableError, get_backend, set_backend
 from .info import info
 from .integrations.transformers import PatchHandle, SteeringSite, patch, unpatch
@@ -22,6 +23,7 @@ from .ops import (
     energy,
     percentile_scale,
     relu_ffn,
+    route,
     scale_ratio,
     sparse_linear,
     sparse_threshold,
@@ -43,6 +45,10 @@ __all__ = [
     "sparse_linear",
     "relu_ffn",
     "cats_mlp",
+    "route",
+    "ExpertPlan",
+    "ExpertBank",
+    "experts",
     # steering plans, recipes, extraction
     "SteeringPlan",
     "SteeringBank",

@@ -268,3 +268,87 @@ def relu_ffn(
     if b_down is not None:
         y = y + b_down.to(ct)
     return y.to(x.dtype)
+
+
+# Routing kinds of `route` (csrc/include/actshift/route.h): softmax then top-k (Mixtral, Qwen-MoE,
+# OLMoE), and sigmoid with a correction bias and group-limited top-k (DeepSeek-V3).
+ROUTE_SOFTMAX, ROUTE_SIGMOID = 0, 1
+# Per-plan expert modes (`modes` [S, E] int8).
+EXPERT_FREE, EXPERT_OFF, EXPERT_ON = 0, 1, 2
+
+
+def route(
+    logits: torch.Tensor,
+    k: int,
+    offsets: torch.Tensor | None = None,
+    modes: torch.Tensor | None = None,
+    slot: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    kind: int = ROUTE_SOFTMAX,
+    renorm: bool = True,
+    n_group: int = 1,
+    topk_group: int = 1,
+    scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoE routing with per-row expert edits; returns (indices [rows, k] int64, weights [rows, k] fp32).
+
+    logits [rows, E] (any float dtype, computed in fp32). A bank of S plans: offsets [S, E] fp32
+    (already multiplied by each plan's strength), modes [S, E] int8 (0 free, 1 off, 2 forced on);
+    slot [rows] picks each row's plan (default 0; -1 or any value outside [0, S) leaves the row
+    unedited). Per row, with z = logits + offsets[slot]:
+
+    softmax (kind 0): p = softmax(z) over the experts not switched off (off experts get p = 0 and
+    stay out of the normaliser). Selection key = z.
+    sigmoid (kind 1): s = sigmoid(z), key c = s + bias. Experts are split into n_group equal groups;
+    a group's score is the sum of its two largest c over experts not switched off (an off expert
+    counts as -inf, so a group with fewer than two live experts scores -inf); the topk_group best
+    groups (ties: lowest group) make their live experts eligible.
+
+    Selection: k experts in order of (tier, key, -index), descending: tier 2 forced on, tier 1
+    eligible (every live expert for softmax), tier 0 live but outside the chosen groups (sigmoid
+    only; reached only when the chosen groups hold fewer than k live experts), off experts never.
+    So forced experts always come first and take the places of the lowest-scoring ones, equal keys
+    pick the lowest index, and the plan checks (forced <= k, live >= k) guarantee k picks.
+
+    Weights: softmax p (or sigmoid s, without the bias) of the picked experts; with renorm divided
+    by their sum (sigmoid: sum + 1e-20, as DeepSeek-V3); then times `scale`.
+    """
+    rows, E = logits.shape
+    dev = logits.device
+    z = logits.float()
+    if offsets is not None and offsets.shape[0] > 0 and rows > 0:
+        s = torch.zeros(rows, dtype=torch.long, device=dev) if slot is None else slot.long()
+        keep = (s < 0) | (s >= offsets.shape[0])
+        s = torch.where(keep, 0, s)
+        z = torch.where(keep[:, None], z, z + offsets[s])
+        mode = torch.where(keep[:, None], 0, modes[s].long())
+    else:
+        mode = torch.zeros(rows, E, dtype=torch.long, device=dev)
+    off, on = mode == EXPERT_OFF, mode == EXPERT_ON
+    neg = torch.tensor(float("-inf"), device=dev)
+    if kind == ROUTE_SOFTMAX:
+        score = torch.softmax(torch.where(off, neg, z), dim=-1)
+        key = z
+        tier = torch.where(on, 2, torch.where(off, -1, 1))
+    else:
+        score = torch.sigmoid(z)
+        key = score + (bias.float() if bias is not None else 0.0)
+        live = torch.where(off, neg, key).view(rows, n_group, E // n_group)
+        group_score = live.topk(min(2, E // n_group), dim=-1).values.sum(-1)  # [rows, n_group]
+        chosen = _top_lowest_index(group_score, topk_group)
+        in_group = torch.zeros(rows, n_group, dtype=torch.bool, device=dev).scatter_(1, chosen, True)
+        in_group = in_group[:, :, None].expand(rows, n_group, E // n_group).reshape(rows, E)
+        tier = torch.where(on, 2, torch.where(off, -1, torch.where(in_group, 1, 0)))
+    # Lexicographic (tier, key, -index): rank by key among equal tiers via a stable sort.
+    order = torch.argsort(key, dim=-1, descending=True, stable=True)  # equal keys: lowest index first
+    order = order.gather(1, torch.argsort(tier.gather(1, order), dim=-1, descending=True, stable=True))
+    idx = order[:, :k]
+    w = score.gather(1, idx)
+    if renorm:
+        w = w / (w.sum(-1, keepdim=True) + (1e-20 if kind == ROUTE_SIGMOID else 0.0))
+    return idx, w * scale
+
+
+def _top_lowest_index(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of the n largest entries per row, equal values by lowest index."""
+    return torch.argsort(x, dim=-1, descending=True, stable=True)[:, :n]

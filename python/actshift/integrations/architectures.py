@@ -31,6 +31,38 @@ SITES = ("block_output", "block_input", "attention_output", "mlp_output")
 
 
 @dataclass(frozen=True)
+class Router:
+    """Where a Mixture-of-Experts block keeps its router, and how the router routes.
+
+    The router module (a transformers `*TopKRouter`) maps hidden states [rows, d] to
+    (router_logits, top-k weights, top-k indices) with `weight` [E, d], `top_k` and `num_experts`;
+    `actshift.patch(model, experts=...)` replaces its routing with `actshift.route`.
+
+    Attributes:
+        path: the router inside a block; layers without it are dense (Qwen2-MoE's mlp_only_layers,
+            DeepSeek-V3's first_k_dense_replace) and are left alone.
+        kind: "softmax_topk" or "sigmoid_group_topk" (actshift.route's `kind`).
+        renorm: whether the picked weights are renormalised: a bool, or the router attribute that
+            holds it ("norm_topk_prob").
+        weights_dtype: "float32" (the router returns fp32 weights) or "logits" (cast to the
+            router logits' dtype).
+        logits_fp32: the router computes its logits in fp32 (DeepSeek-V3).
+        bias, n_group, topk_group, scale: router attributes of the sigmoid kind (correction bias,
+            group counts, routed scaling factor); None where the kind has none.
+    """
+
+    path: str = "mlp.gate"
+    kind: str = "softmax_topk"
+    renorm: bool | str = "norm_topk_prob"
+    weights_dtype: str = "logits"
+    logits_fp32: bool = False
+    bias: str | None = None
+    n_group: str | None = None
+    topk_group: str | None = None
+    scale: str | None = None
+
+
+@dataclass(frozen=True)
 class Architecture:
     """Where one family of model types keeps its parts (see the module docstring).
 
@@ -53,6 +85,7 @@ class Architecture:
             the layer returns (hidden, residual) and the next layer's fused add-RMSNorm forms the
             stream as hidden + residual (vLLM's Llama, Mistral, Qwen2, Qwen3). Its blocks sit in
             the ModuleList `layers` as in transformers.
+        router: the MoE router (expert steering); None for dense models.
     """
 
     name: str
@@ -65,6 +98,7 @@ class Architecture:
     ffn_linears: tuple[str, ...] = ()
     act: str | None = None
     vllm: str | None = None
+    router: Router | None = None
 
     @property
     def sparse(self) -> bool:
@@ -100,6 +134,15 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                  {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.out_proj",),
                   "gate_up": ("fc1",), "down": ("fc2",)},
                  ffn="plain", ffn_linears=("fc1", "fc2"), act="activation_fn"),
+    # Mixture-of-Experts models: the MLP is the sparse MoE block (with its shared experts, where
+    # the family has them); `router` says where its gate is and how it routes.
+    Architecture("mixtral", ("mixtral",), "layers", "self_attn", "mlp",
+                 router=Router(renorm=True, weights_dtype="float32")),
+    Architecture("qwen_moe", ("qwen2_moe", "qwen3_moe", "olmoe"), "layers", "self_attn", "mlp", router=Router()),
+    Architecture("deepseek_v3", ("deepseek_v3",), "layers", "self_attn", "mlp",
+                 router=Router(kind="sigmoid_group_topk", weights_dtype="float32", logits_fp32=True,
+                               bias="e_score_correction_bias", n_group="num_group", topk_group="topk_group",
+                               scale="routed_scaling_factor")),
 )
 
 BY_MODEL_TYPE: dict[str, Architecture] = {t: a for a in ARCHITECTURES for t in a.model_types}

@@ -543,6 +543,13 @@ def patch_sparsity(model: torch.nn.Module, spec, handle: PatchHandle) -> None:
     swap(model, spec, handle, prefill=handle.prefill)
 
 
+def patch_experts(model: torch.nn.Module, spec, handle: PatchHandle) -> None:
+    """`experts=`: ExpertPlans at the MoE routers (actshift.experts.patch)."""
+    from ..experts.patch import patch_experts as route
+
+    route(model, spec, handle)
+
+
 def patch_ffn(model: torch.nn.Module, spec, handle: PatchHandle) -> None:
     """`ffn=`: "relu_sparse" -> exact ReLU-sparse FFN swaps (actshift.relu_ffn)."""
     from ..sparse import patch_ffn as swap
@@ -554,11 +561,12 @@ def patch_ffn(model: torch.nn.Module, spec, handle: PatchHandle) -> None:
 FEATURES: dict[str, Callable[[torch.nn.Module, object, PatchHandle], None]] = {
     "sparsity": patch_sparsity,
     "ffn": patch_ffn,
+    "experts": patch_experts,
     "steering": patch_steering,
 }
 
 
-def patch(model: torch.nn.Module, *, steering=None, sparsity=None, ffn=None, prefill: str = "dense",
+def patch(model: torch.nn.Module, *, steering=None, sparsity=None, ffn=None, experts=None, prefill: str = "dense",
           backend: str = "auto") -> PatchHandle:
     """Patches this model instance in place and returns the handle (also a context manager).
 
@@ -572,6 +580,9 @@ def patch(model: torch.nn.Module, *, steering=None, sparsity=None, ffn=None, pre
         prefill: with `sparsity`, "dense" (default) runs prefill on the original modules exactly;
             "sparse" thresholds prefill too, as TEAL's quality evaluation does.
         ffn: "relu_sparse" swaps every ReLU-family FFN for the exact skipping kernel (relu_ffn).
+        experts: MoE expert steering (actshift.experts): an ExpertPlan (every MoE layer), a
+            {layer: ExpertPlan} mapping, or a list of those (a bank; rows pick theirs with
+            handle.set_slots, the same slots as steering banks).
         backend: the steer backend ("auto", "cpu", "triton", "cuda", "reference").
 
     Call the patched model itself (or its generate), so the handle sees each step's cache length.
@@ -586,7 +597,7 @@ def patch(model: torch.nn.Module, *, steering=None, sparsity=None, ffn=None, pre
         raise ValueError("prefill='sparse' applies to the sparsity= swaps; pass sparsity=Thresholds too")
     _check_combination(sparsity, ffn)
     handle = PatchHandle(model, backend, prefill)
-    specs = {"sparsity": sparsity, "ffn": ffn, "steering": steering}
+    specs = {"sparsity": sparsity, "ffn": ffn, "experts": experts, "steering": steering}
     try:
         for name, fn in FEATURES.items():
             if specs[name] is not None:
