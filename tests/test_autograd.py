@@ -342,3 +342,26 @@ def test_opcheck_with_inputs_that_require_grad():
                                                       torch.tensor([0, 1, -1, 0]), torch.randn(4, 3, requires_grad=True)))
     torch.library.opcheck(ops.steer.default, (x, torch.randn(2, 3, d), torch.randn(2, 3, requires_grad=True),
                                               torch.ones(2), None, torch.tensor([1, 0, 1, -1])))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_route_weights_are_differentiable_in_the_logits(backend):
+    """The router op's weights carry gradients to the logits (Rewiring Experts trains router
+    offsets through a patched model), equal to the reference backend's; indices have none."""
+    from conftest import require_backend
+
+    require_backend(backend)
+    from actshift.experts import ExpertPlan
+
+    plan = ExpertPlan(8, offsets=torch.randn(8), off=[3], on=[6], strength=0.5)
+    torch.manual_seed(0)
+    base = torch.randn(5, 8)
+    grads = {}
+    for be in (backend, "reference"):
+        logits = base.clone().requires_grad_(True)
+        idx, w = actshift.route(logits, 2, plan, backend=be)
+        (w * torch.arange(1.0, 3.0)).sum().backward()
+        grads[be] = logits.grad
+        assert idx.grad_fn is None
+    assert grads[backend] is not None and grads[backend].abs().sum() > 0
+    torch.testing.assert_close(grads[backend], grads["reference"], **GRAD_TOL)

@@ -31,6 +31,7 @@ _REFERENCE = {
     "sparse_threshold": reference.sparse_threshold,
     "sparse_linear": reference.sparse_linear,
     "relu_ffn": _relu_ffn_reference,
+    "route": reference.route,  # the routing weights are differentiable in the logits; indices are not
 }
 # Ops without a gradient: a backward through them raises instead of leaving None.
 _NO_BACKWARD = {

@@ -11,6 +11,7 @@ import torch
 
 from .. import _ext, backends, reference
 from ..experts.plan import ExpertBank, ExpertPlan, as_expert_bank
+from . import _autograd
 from ._sparse import FLOAT_DTYPES, register_triton_early, triton_op
 
 # The routing of each architecture family (integrations/architectures.py names them per model).
@@ -26,6 +27,7 @@ def _route_fake(logits, k, offsets, modes, slot, bias, kind, renorm, n_group, to
 
 if _ext.EXT_LOADED and hasattr(torch.ops.actshift, "route"):
     torch.library.register_fake("actshift::route")(_route_fake)
+    _autograd.register("route")
 
 register_triton_early("route")
 
@@ -123,8 +125,8 @@ def route(
     if name == "reference":
         idx, w = reference.route(*args)
     elif name == "triton":
-        idx, w = triton_op("route")(*args)
+        idx, w = _autograd.call(triton_op("route"), *args)
     else:
-        idx, w = torch.ops.actshift.route(*args)
+        idx, w = _autograd.call(torch.ops.actshift.route, *args)
     lead = logits.shape[:-1]
     return idx.view(*lead, k), w.view(*lead, k)
