@@ -13,6 +13,8 @@ E <= a few hundred) in registers; each pick is three reductions (best tier, best
 lowest index among those), so a row costs O(k) reductions instead of a sort. Groups (at most 32)
 are scored in a loop of masked reductions. The launcher does no validation and no host sync.
 """
+from typing import Optional  # torch.library.triton_op infers the schema from these annotations
+
 import torch
 import triton
 import triton.language as tl
@@ -107,7 +109,9 @@ def _route_kernel(
     tl.store(w_ptr + row * k + kk, out_w, mask=kmask)
 
 
-def route(logits, k, offsets, modes, slot, bias, kind, renorm, n_group, topk_group, scale):
+def route(logits: torch.Tensor, k: int, offsets: Optional[torch.Tensor], modes: Optional[torch.Tensor],
+          slot: Optional[torch.Tensor], bias: Optional[torch.Tensor], kind: int, renorm: bool, n_group: int,
+          topk_group: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices [rows, k] int64, weights [rows, k] fp32). Expects validated inputs (the wrapper
     actshift.route checks them): logits [rows, E] with a contiguous last dim; offsets [S, E] fp32
     and modes [S, E] int8 together or neither; slot [rows] int32/int64 or None; bias [E] fp32 or

@@ -76,7 +76,8 @@ def variants():
                                             "vectors_ptr", "weights_ptr", "nval_ptr", "cond_ptr", "monitor_ptr",
                                             "gate_ptr", "roww_ptr")},
                     "x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "meta_ptr": "*i32", "nidx_ptr": "*i32", "slot_ptr": "*i64",
-                    **{n: "i32" for n in ("d", "x_stride", "y_stride", "S", "K", "M", "N", "P")}},
+                    **{n: "i32" for n in ("d", "x_stride", "y_stride", "gate_stride", "slot_stride", "roww_stride",
+                                          "S", "K", "M", "N", "P")}},
                    {"HAS_GATE": True, "HAS_SLOT": True, "HAS_ROW_W": True, "HAS_AFFINE": True, "HAS_COND": True,
                     "HAS_MON": True, "IN_PLACE": False, "BLOCK_D": block_d, "BLOCK_N": 64, "BLOCK_P": 16}, warps)
         for d in (8192, 16384):
@@ -115,7 +116,7 @@ def variants():
         yield (f"steer {dt}", sk._steer_kernel,
                {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "vectors_ptr": "*fp32", "weights_ptr": "*fp32",
                 "strength_ptr": "*fp32", "gate_ptr": "*fp32", "slot_ptr": "*i64", "d": "i32", "x_stride": "i32",
-                "y_stride": "i32", "m": "i32", "num_plans": "i32"},
+                "y_stride": "i32", "gate_stride": "i32", "slot_stride": "i32", "m": "i32", "num_plans": "i32"},
                {"HAS_GATE": True, "HAS_SLOT": True, "IN_PLACE": False, "BLOCK_D": sk._MAX_BLOCK_D}, 4)
         yield (f"sparse_threshold {dt}", st._sparse_threshold_kernel,
                {"x_ptr": f"*{dt}", "t_ptr": "*fp32", "y_ptr": f"*{dt}", "n": "i32", "x_stride": "i32"},
